@@ -1,0 +1,103 @@
+"""run(cfg): the one place that wires data, model, kernel, training loop and tracker together."""
+from __future__ import annotations
+
+import logging
+import random
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ablate.data import build_data
+from ablate.models import LanguageModel, count_params
+from ablate.tracking.mlflow import flatten, git_commit, open_tracker
+from ablate.tracking.sweep import parent_run_id
+from ablate.train import checkpoint
+from ablate.train.loop import Trainer
+from ablate.train.metrics import flops_per_token, mean_attended_keys
+from ablate.validate import plan
+
+log = logging.getLogger("ablate")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _overrides() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return ""
+    return " ".join(HydraConfig.get().overrides.task)
+
+
+def run(cfg: DictConfig) -> float:
+    """Train and evaluate one configuration; returns the final validation loss."""
+    the_plan = plan(cfg)  # every config problem is reported here, before data, model or tracker exist
+    seed_everything(cfg.seed, cfg.deterministic)
+    data = build_data(cfg.data, context=cfg.model.context, batch_size=cfg.train.batch_size, seed=cfg.seed,
+                      vocab_size=None)
+    overrides = _overrides()
+    tags = {"ablate.backend": the_plan.backend.name, "ablate.overrides": overrides or "(defaults)",
+            "ablate.device": the_plan.device.type}
+    parent = parent_run_id()
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    commit = git_commit(cfg.paths.root_dir)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    ckpt_dir = checkpoint.checkpoint_dir(cfg) if cfg.train.checkpoint_every else None
+    previous = checkpoint.load(ckpt_dir / "last.pt") if ckpt_dir else None
+    tracker = open_tracker(cfg, run_name=cfg.tracking.run_name or overrides or "defaults", tags=tags,
+                           run_id=previous["run_id"] if previous else None)
+    try:
+        model = LanguageModel(cfg, data.tokenizer.vocab_size, the_plan.backend).to(the_plan.device)
+        n_params = count_params(model)
+        fpt = flops_per_token(count_params(model, non_embedding=True), cfg.model.n_layers, cfg.model.d_model,
+                              mean_attended_keys(data.val_batches()[0].doc_lens, cfg.attention.window))
+        trainer = Trainer(model, data, cfg, tracker, the_plan.device, fpt, checkpoint_dir=ckpt_dir)
+        if previous:
+            checkpoint.restore(trainer, previous)
+            tracker.set_tags({"ablate.resumed_from_step": str(trainer.state.step)})
+            log.info("resuming from %s at step %d", ckpt_dir / "last.pt", trainer.state.step)
+        else:
+            tracker.set_tags({"ablate.n_params": str(n_params)})
+            tracker.log_params(flatten(cfg))
+            tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            tracker.log_metrics({"model/n_params": n_params}, step=0)
+        result = trainer.fit()
+        tracker.log_metrics({"data/padding_frac": data.padding_frac("train"),
+                             "data/val_padding_frac": data.padding_frac("val")}, step=trainer.state.step)
+        tracker.finish("FINISHED")
+    except KeyboardInterrupt as err:
+        tracker.finish("KILLED", error=err)
+        raise
+    except BaseException as err:
+        tracker.finish("FAILED", error=err)
+        raise
+    print_summary(cfg, the_plan, n_params, trainer, result, tracker.run_id)
+    return float(result["val/loss"])
+
+
+def print_summary(cfg, the_plan, n_params, trainer, result, run_id) -> None:  # noqa: ANN001
+    perf = getattr(trainer, "last_perf", {})
+    first = trainer.state.history[0] if trainer.state.history else {}
+    lines = [
+        "",
+        f"ablate run {run_id or '(not tracked)'}",
+        f"  model      {cfg.model.name}: {cfg.model.n_layers} layers, d={cfg.model.d_model}, "
+        f"{cfg.model.n_heads} heads, {n_params / 1e6:.2f}M params",
+        f"  variant    attention={cfg.attention.name} pos={cfg.pos.name} mlp={cfg.mlp.name} norm={cfg.norm.name}",
+        f"  kernel     {the_plan.backend.name} on {the_plan.device.type} ({str(the_plan.dtype).replace('torch.', '')})",
+        f"  steps      {trainer.state.step}, val/loss {first.get('val/loss', float('nan')):.4f} "
+        f"(step {first.get('step', 0)}) -> {result.get('val/loss', float('nan')):.4f}, "
+        f"val/bpb {result.get('val/bpb', float('nan')):.4f}",
+        f"  speed      {perf.get('perf/tokens_per_s', 0):,.0f} tokens/s, peak memory "
+        f"{perf.get('perf/peak_mem_gib', 0):.2f} GiB" + (f", MFU {perf['perf/mfu']:.1%}" if "perf/mfu" in perf else ""),
+    ]
+    print("\n".join(lines), flush=True)

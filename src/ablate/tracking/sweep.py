@@ -1,0 +1,63 @@
+"""The MLflow parent run of a multirun: opened before the first job, closed after the last.
+
+Each job finds the parent's id in `<sweep dir>/parent_run_id` and tags its own run as a child, so
+launchers that run jobs in other processes (joblib, Slurm) nest the same way as the basic one.
+"""
+from __future__ import annotations
+
+import atexit
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+PARENT_FILE = "parent_run_id"
+
+
+def parent_run_id() -> str | None:
+    """The sweep's parent run id when called inside a multirun job, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    path = Path(hc.sweep.dir) / PARENT_FILE
+    return path.read_text().strip() if path.exists() else None
+
+
+class SweepParentRun(Callback):
+    def __init__(self) -> None:
+        self.tracker: Any = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.tracking.name == "none":
+            return
+        from ablate.tracking.mlflow import open_tracker
+
+        overrides = " ".join(config.hydra.overrides.task)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        self.tracker = open_tracker(
+            config, run_name=f"sweep {sweep_dir.name}", tags={"ablate.sweep": overrides or "(defaults)"}
+        )
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / PARENT_FILE).write_text(self.tracker.run_id)
+        atexit.register(self.close)  # also when a failed job makes the sweeper raise
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the parent FAILED if any child failed, else FINISHED, with the counts as metrics."""
+        if self.tracker is None or self.tracker.finished:
+            return
+        client, run_id = self.tracker.client, self.tracker.run_id
+        children = client.search_runs(
+            [self.tracker.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
+        )
+        failed = [r for r in children if r.info.status != "FINISHED"]
+        self.tracker.log_metrics({"sweep/runs": len(children), "sweep/failed": len(failed)}, step=0)
+        self.tracker.finish("FAILED" if failed or not children else "FINISHED")

@@ -1,0 +1,65 @@
+"""Every option of every config group composes; typos and wrong types are refused at compose time."""
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigAttributeError, ValidationError
+
+from ablate.config import compose, project_root
+
+CONF = project_root() / "conf"
+GROUPS = ["attention", "pos", "mlp", "norm", "model", "data", "backend", "train", "tracking"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_names_its_component(group, option):
+    cfg = compose([f"{group}={option}"])
+    assert cfg[group].name == option
+
+
+def test_every_option_is_a_registered_component():
+    from ablate.data import CORPORA
+    from ablate.kernels import BACKENDS
+    from ablate.models import ATTENTIONS, MLPS, NORMS, POSITIONS
+
+    registries = {"attention": ATTENTIONS, "pos": POSITIONS, "mlp": MLPS, "norm": NORMS, "data": CORPORA}
+    for group, registry in registries.items():
+        files = {p.stem for p in (CONF / group).glob("*.yaml")}
+        assert files == set(registry.names()), group
+    backends = {p.stem for p in (CONF / "backend").glob("*.yaml")}
+    assert backends == set(BACKENDS.names()) | {"auto"}
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (project_root() / "experiments").glob("*.yaml")))
+def test_named_experiments_compose_with_their_sweep(experiment):
+    cfg = compose([f"+experiment={experiment}"])
+    assert cfg.tracking.experiment == experiment
+
+
+def test_typo_key_is_refused_naming_the_key():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["model.n_layres=3"])
+    assert "n_layres" in str(err.value.__cause__ or err.value)
+
+
+def test_wrong_type_is_refused_naming_the_key():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["train.steps=many"])
+    cause = err.value.__cause__
+    assert isinstance(cause, ValidationError)
+    assert "steps" in str(cause)
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["attention=linear"])
+    assert "linear" in str(err.value)
+
+
+def test_default_config_points_at_project_outputs():
+    cfg = compose()
+    assert Path(cfg.paths.output_dir) == Path(cfg.paths.root_dir) / "outputs"
+    assert isinstance(cfg.seed, int)
+    with pytest.raises(ConfigAttributeError):
+        cfg.model.not_a_key = 1

@@ -1,0 +1,70 @@
+"""Model components: parameter budgets, packed-document isolation for every positional scheme."""
+import pytest
+import torch
+
+from ablate.config import compose
+from ablate.kernels import BACKENDS
+from ablate.models import LanguageModel, count_params
+
+POS = ["alibi", "rope", "learned", "sinusoidal", "nope"]
+
+
+def build(overrides, backend="eager", vocab=64):
+    cfg = compose(["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.context=64", *overrides])
+    return LanguageModel(cfg, vocab, BACKENDS.get(backend)())
+
+
+def test_gqa_and_mqa_shrink_only_the_kv_projection():
+    d, n, h = 32, 4, 8
+    mha, gqa, mqa = (build([f"attention={a}", "attention.n_kv_heads=2"] if a == "gqa" else [f"attention={a}"])
+                     for a in ("mha", "gqa", "mqa"))
+    assert mha.blocks[0].attn.qkv.weight.shape == ((n + 2 * n) * h, d)
+    assert gqa.blocks[0].attn.qkv.weight.shape == ((n + 2 * 2) * h, d)
+    assert mqa.blocks[0].attn.qkv.weight.shape == ((n + 2 * 1) * h, d)
+    layers, kv_weights_per_head = 2, 2 * h * d  # a K and a V projection per kv head, per layer
+    assert count_params(mha) - count_params(gqa) == layers * (n - 2) * kv_weights_per_head
+    assert count_params(mha) - count_params(mqa) == layers * (n - 1) * kv_weights_per_head
+
+
+@pytest.mark.parametrize("d_model", [128, 256, 384, 512, 768, 1024])
+@pytest.mark.parametrize("glu", ["swiglu", "geglu"])
+def test_glu_mlps_match_the_gelu_mlp_within_one_percent(d_model, glu):
+    from ablate.config import MLPConfig
+    from ablate.models import MLPS
+
+    def n(name):
+        return sum(p.numel() for p in MLPS.build(name, d_model, MLPConfig(name=name)).parameters())
+
+    assert abs(n(glu) - n("gelu")) / n("gelu") < 0.01
+    assert n("relu2") == n("gelu")
+
+
+def test_learned_positions_refuse_a_longer_context():
+    with pytest.raises(ValueError, match="pos.max_positions"):
+        build(["pos=learned", "pos.max_positions=32"])
+
+
+@pytest.mark.parametrize("pos", POS)
+def test_packed_documents_equal_each_document_alone(pos):
+    """A row packing several documents gives each the logits and gradients it gets alone."""
+    torch.manual_seed(0)
+    model = build([f"pos={pos}", "attention=gqa", "attention.n_kv_heads=2"]).double()
+    lens = [int(x) for x in torch.randint(1, 20, (4,))]
+    lens.append(64 - sum(lens))
+    tokens = torch.randint(0, 64, (1, 64))
+    positions = torch.cat([torch.arange(n) for n in lens])[None]
+    weights = torch.randn(1, 64, 64, dtype=torch.float64)
+
+    packed = model(tokens, positions, (tuple(lens),))
+    (packed * weights).sum().backward()
+    grads_packed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    start = 0
+    for n in lens:
+        alone = model(tokens[:, start:start + n], torch.arange(n)[None])
+        torch.testing.assert_close(packed[:, start:start + n], alone, rtol=1e-9, atol=1e-9)
+        (alone * weights[:, start:start + n]).sum().backward()
+        start += n
+    for g_packed, p in zip(grads_packed, model.parameters()):
+        torch.testing.assert_close(g_packed, p.grad, rtol=1e-8, atol=1e-10)
