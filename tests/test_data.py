@@ -1,0 +1,284 @@
+"""Data pipeline: corpora, tokenizers, packing invariants, resumption, token shards."""
+from __future__ import annotations
+
+import collections
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from ablate.data import (
+    CORPORA,
+    IGNORE_INDEX,
+    ByteTokenizer,
+    DocSet,
+    PretokenizedTokenizer,
+    TrainLoader,
+    build_data,
+    check_vocab,
+    open_shard,
+    pack_eval,
+    padding_frac,
+    write_shard,
+)
+from ablate.data.corpus import ShakespeareCorpus
+
+EOS = 256
+
+
+def random_docs(n: int, seed: int, max_len: int = 300) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=int(rng.integers(1, max_len)), dtype=np.uint16) for _ in range(n)]
+
+
+def check_batch(batch, context: int, eos: int = EOS) -> None:
+    """Per-batch invariants: rows sum to T, positions restart at each piece, targets stay inside
+    pieces, an end-of-document token only ever ends a piece."""
+    tok, tgt, pos = batch.tokens.numpy(), batch.targets.numpy(), batch.positions.numpy()
+    assert tok.dtype == tgt.dtype == pos.dtype == np.int64
+    assert tok.shape[1] == context and len(batch.doc_lens) == tok.shape[0]
+    if batch.n_pad:  # padding is the last piece of the last row, with no targets
+        assert batch.doc_lens[-1][-1] == batch.n_pad and (tgt[-1, -batch.n_pad :] == IGNORE_INDEX).all()
+    for r, lens in enumerate(batch.doc_lens):
+        assert sum(lens) == context and min(lens) > 0
+        at = 0
+        for n in lens:
+            piece, piece_tgt = tok[r, at : at + n], tgt[r, at : at + n]
+            assert (pos[r, at : at + n] == np.arange(n)).all()
+            if r == len(batch.doc_lens) - 1 and at + n == context and batch.n_pad:
+                break
+            assert piece_tgt[-1] == IGNORE_INDEX
+            real = piece_tgt[:-1] != IGNORE_INDEX
+            assert (piece_tgt[:-1][real] == piece[1:][real]).all()
+            assert not (piece[:-1] == eos).any(), "a document boundary inside a piece"
+            at += n
+    assert (tgt[tok == eos] == IGNORE_INDEX).all(), "a target crosses a document end"
+
+
+# --------------------------------------------------------------------------- Shakespeare
+
+
+def test_shakespeare_is_real_text_split_by_scene():
+    corpus = ShakespeareCorpus()
+    docs = corpus.documents()
+    plays = {d.id.split("/")[0] for d in docs}
+    assert len(plays) > 30 and len(docs) > 500
+    assert len({d.id for d in docs}) == len(docs)
+    text = "\n".join(d.text for d in docs)
+    assert "To be, or not to be" in text and "HAMLET:" in text
+    assert "**" not in text and "  \n" not in text and "\\" not in text
+    train, val = corpus.split(50)
+    train_ids, val_ids = {d.id for d in train}, {d.id for d in val}
+    assert train_ids.isdisjoint(val_ids) and len(train_ids | val_ids) == len(docs)
+    assert 0.02 < len(val) / len(docs) < 0.09
+    again = corpus.split(50)
+    assert [d.id for d in again[1]] == [d.id for d in val]
+
+
+def test_shakespeare_build_data():
+    data = build_data({"name": "shakespeare", "max_val_batches": 3}, context=256, batch_size=8, seed=0, vocab_size=257)
+    s = data.stats
+    assert s["n_train_docs"] > 500 and s["n_val_docs"] > 10 and s["train_tokens"] > 10 * s["val_tokens"]
+    batch = next(data.train)
+    check_batch(batch, 256)
+    assert batch.target_bytes == int(((batch.targets >= 0) & (batch.targets < 256)).sum())
+    assert len(data.val_batches()) == 3 and data.val_batches() is data.val_batches()
+    text = data.tokenizer.decode(batch.tokens[0])
+    assert sum(c.isalpha() for c in text) > 100
+
+
+# --------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("context,batch_size", [(64, 4), (7, 3), (512, 2)])
+def test_packing_invariants_and_no_token_lost(context, batch_size):
+    docs = random_docs(60, seed=context)
+    ds = DocSet.from_token_lists(docs, EOS)
+    loader = TrainLoader(ds, context, batch_size, seed=1, tokenizer=ByteTokenizer())
+    stream = []
+    while loader.epoch == 0:
+        b = next(loader)
+        check_batch(b, context)
+        assert b.n_pad == 0
+        stream.append(b.tokens.reshape(-1).numpy())
+    epoch0 = np.concatenate(stream)[: ds.n_tokens]
+    ends = np.flatnonzero(epoch0 == EOS) + 1
+    assert ends[-1] == ds.n_tokens
+    got = collections.Counter(tuple(x) for x in np.split(epoch0, ends[:-1]))
+    want = collections.Counter(tuple(d.tolist()) + (EOS,) for d in docs)
+    assert got == want
+    assert loader.padding_frac == 0.0
+
+
+def test_positions_restart_for_continued_document():
+    ds = DocSet.from_token_lists([np.arange(10, dtype=np.uint16)], EOS)
+    b = next(TrainLoader(ds, 4, 3, seed=0, tokenizer=ByteTokenizer()))
+    assert b.tokens.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, EOS, 0]]
+    assert b.positions.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 0]]
+    assert b.targets.tolist() == [[1, 2, 3, -100], [5, 6, 7, -100], [9, EOS, -100, -100]]
+    assert b.doc_lens == ((4,), (4,), (3, 1))
+    assert b.target_bytes == 7  # the EOS target covers no byte
+
+
+def test_training_is_deterministic_and_resumable():
+    ds = DocSet.from_token_lists(random_docs(25, seed=3, max_len=100), EOS)
+    make = lambda seed=5: TrainLoader(ds, 32, 4, seed=seed, tokenizer=ByteTokenizer())  # noqa: E731
+    full = make()
+    ref = [next(full) for _ in range(60)]  # several epochs
+    assert full.epoch >= 2
+    a = make()
+    for _ in range(17):
+        next(a)
+    state = a.state_dict()
+    b = make()
+    b.load_state_dict(state)
+    for want in ref[17:]:
+        got = next(b)
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.targets, want.targets)
+        assert torch.equal(got.positions, want.positions) and got.doc_lens == want.doc_lens
+    other = next(make(seed=6))
+    assert not torch.equal(other.tokens, ref[0].tokens)
+    with pytest.raises(ValueError, match="seed"):
+        make(seed=6).load_state_dict(state)
+
+
+def test_validation_packs_once_with_padding_only_at_the_end():
+    docs = random_docs(20, seed=9)
+    ds = DocSet.from_token_lists(docs, EOS)
+    batches = pack_eval(ds, 50, 4, ByteTokenizer())
+    for b in batches:
+        check_batch(b, 50)
+    assert all(b.n_pad == 0 for b in batches[:-1])
+    last = batches[-1]
+    assert sum(b.tokens.numel() for b in batches) == ds.n_tokens + last.n_pad
+    assert 0 < last.n_pad < 50  # 20 random documents: the stream does not end on a row end
+    assert sum(b.n_targets for b in batches) <= ds.n_tokens - len(docs)
+    assert padding_frac(batches) < 50 / (len(batches) * 200) + 1e-9
+    assert len(pack_eval(ds, 50, 4, ByteTokenizer(), max_batches=2)) == 2
+
+
+def test_packing_is_cheap():
+    ds = DocSet.from_token_lists(random_docs(2000, seed=0, max_len=2000), EOS)
+    loader = TrainLoader(ds, 256, 8, seed=0, tokenizer=ByteTokenizer())
+    next(loader)
+    t = time.perf_counter()
+    for _ in range(200):
+        next(loader)
+    assert (time.perf_counter() - t) / 200 < 2e-3
+
+
+def test_batch_to_device():
+    ds = DocSet.from_token_lists(random_docs(5, seed=0), EOS)
+    b = next(TrainLoader(ds, 16, 2, seed=0, tokenizer=ByteTokenizer())).to("cpu")
+    assert b.tokens.device.type == "cpu" and b.tokens.shape == (2, 16)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def test_byte_tokenizer():
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo")
+    assert tok.vocab_size == 257 and tok.eos_id == 256 and len(ids) == 6
+    assert tok.decode(ids) == "héllo"
+    assert tok.target_bytes(np.array([1, 2, 256, -100])) == 2
+    with pytest.raises(ValueError, match="257"):
+        build_data({"name": "shakespeare"}, context=8, batch_size=1, seed=0, vocab_size=200)
+
+
+# --------------------------------------------------------------------------- text files
+
+
+def test_text_corpus(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(40):
+        (folder / f"f{i:02d}.txt").write_text(f"file {i} first part\n===\nfile {i} second part\n")
+    (folder / "skip.md").write_text("not matched by the glob")
+    cfg = {"name": "text", "paths": [str(folder)], "doc_separator": "\n===\n", "val_per_mille": 200}
+    data = build_data(cfg, context=16, batch_size=2, seed=0, vocab_size=None)
+    s = data.stats
+    assert s["n_train_docs"] + s["n_val_docs"] == 80 and s["n_val_docs"] > 0
+    docs = CORPORA.get("text").from_config(cfg).documents()
+    assert {d.text for d in docs} >= {"file 3 first part", "file 3 second part"}
+    assert all("not matched" not in d.text for d in docs)
+    check_batch(next(data.train), 16)
+    one_doc_per_file = build_data({**cfg, "doc_separator": None, "val_per_mille": 300}, 16, 2, 0, None)
+    assert one_doc_per_file.stats["n_train_docs"] + one_doc_per_file.stats["n_val_docs"] == 40
+
+
+def test_text_corpus_errors(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*data\.paths"):
+        build_data({"name": "text", "paths": [str(missing)]}, 16, 2, 0, None)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("  \n\n")
+    with pytest.raises(ValueError, match=r"empty is empty: no text in its 1 files"):
+        build_data({"name": "text", "paths": [str(empty)]}, 16, 2, 0, None)
+    with pytest.raises(ValueError, match="data.paths"):
+        build_data({"name": "text"}, 16, 2, 0, None)
+
+
+# --------------------------------------------------------------------------- token shards
+
+
+def test_token_shard_round_trip(tmp_path):
+    tokens = np.array([5, 1, 2, 3, 5, 4, 4, 5, 9], dtype=np.uint16)
+    path = write_shard(tmp_path / "x_train_000.bin", tokens)
+    assert (np.asarray(open_shard(path)) == tokens).all()
+
+
+def test_tokens_corpus(tmp_path):
+    rng = np.random.default_rng(0)
+    eot = 1000
+
+    def shard(n_docs):  # llm.c layout: the end-of-text id comes before each document
+        parts = [[eot] + rng.integers(0, eot, size=int(rng.integers(1, 50))).tolist() for _ in range(n_docs)]
+        return np.array(sum(parts, []), dtype=np.uint16)
+
+    write_shard(tmp_path / "d_train_000.bin", shard(100))
+    write_shard(tmp_path / "d_train_001.bin", shard(50))
+    write_shard(tmp_path / "d_val_000.bin", shard(20))
+    cfg = {"name": "tokens", "path": str(tmp_path), "eot_id": eot}
+    data = build_data(cfg, context=32, batch_size=4, seed=0, vocab_size=1024)
+    assert data.stats["n_train_docs"] == 150 and data.stats["n_val_docs"] == 20
+    assert isinstance(data.tokenizer, PretokenizedTokenizer) and data.tokenizer.vocab_size == 1024
+    b = next(data.train)
+    check_batch(b, 32, eos=eot)
+    assert b.target_bytes is None and int(b.tokens.max()) < 1024
+    assert data.train.docs.document(0)[-1] == eot
+    assert all(v.target_bytes is None for v in data.val_batches())
+    with pytest.raises(ValueError, match="vocab.*1000|1000.*vocab"):
+        build_data(cfg, context=32, batch_size=4, seed=0, vocab_size=1000)
+    (tmp_path / "d_val_000.bin").unlink()
+    split = build_data({**cfg, "val_per_mille": 200}, 32, 4, 0, 1024).stats
+    assert split["n_train_docs"] + split["n_val_docs"] == 150 and 10 < split["n_val_docs"] < 60
+
+
+def test_bad_shards(tmp_path):
+    good = write_shard(tmp_path / "a_train.bin", np.arange(10))
+    raw = bytearray(good.read_bytes())
+    for name, patch in {"magic": (0, 123), "version": (4, 7)}.items():
+        bad = tmp_path / f"{name}_train.bin"
+        b = bytearray(raw)
+        b[patch[0] : patch[0] + 4] = np.int32(patch[1]).tobytes()
+        bad.write_bytes(bytes(b))
+        with pytest.raises(ValueError, match=rf"{name}_train\.bin.*{name}"):
+            open_shard(bad)
+    short = tmp_path / "short_train.bin"
+    short.write_bytes(bytes(raw[:-2]))
+    with pytest.raises(ValueError, match=r"short_train\.bin.*declares 10 tokens"):
+        open_shard(short)
+    with pytest.raises(ValueError, match="vocabulary of size 50000"):
+        check_vocab(50256, 50000, "a shard")
+    with pytest.raises(FileNotFoundError, match="data.path"):
+        build_data({"name": "tokens", "path": str(tmp_path / "none")}, 8, 1, 0, None)
+
+
+def test_data_padding_frac():
+    data = build_data({"name": "shakespeare", "max_val_batches": 2}, 64, 2, 0, None)
+    for _ in range(5):
+        next(data.train)
+    assert data.padding_frac() == 0.0 and data.padding_frac("val") < 0.01
