@@ -137,7 +137,7 @@ def allowed_mask(spec: AttentionSpec, n_rows: int, row_len: int, device: torch.d
     if spec.window is not None:
         ok &= rel < spec.window if spec.causal else rel.abs() < spec.window
     ok = ok.expand(n_rows, row_len, row_len)
-    if spec.doc_lens is not None:
+    if spec.packed:  # otherwise every row is one document
         doc = document_ids(spec, n_rows, row_len, device)
         ok = ok & (doc[:, :, None] == doc[:, None, :])
     return ok[:, None]
