@@ -5,7 +5,9 @@ ConfigError listing each problem with the key to change and a fix.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -109,6 +111,35 @@ def _dtype(cfg: DictConfig, device: torch.device) -> tuple[torch.dtype, list[str
     return (torch.bfloat16 if bf16 else torch.float32), []
 
 
+def _tracking(cfg: DictConfig) -> list[str]:
+    """The store must be reachable now: a sweep that cannot log should not train first."""
+    if cfg.tracking.name != "mlflow":
+        return []
+    from ablate.tracking.mlflow import resolve_uri
+
+    try:
+        uri = resolve_uri(cfg)
+    except OSError as err:
+        return [f"tracking.uri: cannot create the store's folder ({err}); point tracking.uri elsewhere"]
+    scheme = uri.split(":", 1)[0] if ":" in uri else "file"
+    if scheme == "sqlite":
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not os.access(folder, os.W_OK):
+            return [f"tracking.uri={uri}: the folder {folder} is not writable; choose a writable path"]
+    elif scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3).close()
+        except (urllib.error.URLError, OSError) as err:
+            return [f"tracking.uri={uri} is unreachable ({err}); start the server, fix the address, "
+                    "or use tracking=none"]
+    elif scheme not in ("file", "databricks", "postgresql", "mysql", "mssql"):
+        return [f"tracking.uri={uri}: unknown scheme '{scheme}'; use sqlite:///path, http(s)://host or a folder"]
+    return []
+
+
 def plan(cfg: DictConfig) -> Plan:
     problems = _registered(cfg) + _sizes(cfg)
     device, more = _device(cfg)
@@ -128,6 +159,8 @@ def plan(cfg: DictConfig) -> Plan:
             backend = select_backend(cell, cfg.backend.name)
         except KernelRefused as err:
             problems.append(str(err))
+    if not problems:
+        problems += _tracking(cfg)
     if problems:
         raise ConfigError("the configuration cannot run:\n  - " + "\n  - ".join(problems))
     return Plan(device=device, dtype=dtype, cell=cell, backend=backend)
