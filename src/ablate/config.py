@@ -118,7 +118,7 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
-    deterministic: bool = True
+    deterministic: bool = True  # bit-identical CPU runs (CUDA attention backwards are not deterministic)
 
 
 def register_configs(experiments_dir: Path | None = None) -> None:

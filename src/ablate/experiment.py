@@ -20,12 +20,13 @@ from ablate.validate import plan
 log = logging.getLogger("ablate")
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
+def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
+    """Seed every generator. `deterministic` makes CPU runs bit-reproducible; on CUDA it is not applied:
+    the fast attention backwards (FA2, flex) accumulate atomically and refuse deterministic mode."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic and device.type == "cpu", warn_only=True)
 
 
 def _overrides() -> str:
@@ -39,7 +40,7 @@ def _overrides() -> str:
 def run(cfg: DictConfig) -> float:
     """Train and evaluate one configuration; returns the final validation loss."""
     the_plan = plan(cfg)  # every config problem is reported here, before data, model or tracker exist
-    seed_everything(cfg.seed, cfg.deterministic)
+    seed_everything(cfg.seed, cfg.deterministic, the_plan.device)
     data = build_data(cfg.data, context=cfg.model.context, batch_size=cfg.train.batch_size, seed=cfg.seed,
                       vocab_size=None)
     overrides = _overrides()

@@ -35,6 +35,7 @@ MaskMod = Callable[..., torch.Tensor]
 BLOCK_MASK_CACHE_SIZE = 16
 _block_masks: OrderedDict[tuple, BlockMask] = OrderedDict()
 _compiled: dict[str, Callable] = {}
+RECOMPILE_LIMIT = 256
 
 
 def causal_mask_mod(b, h, q_idx, kv_idx):
@@ -102,6 +103,12 @@ def compiled(name: str, fn: Callable, device: torch.device) -> Callable:
     if device.type != "cuda":
         return uncompiled(fn)
     if name not in _compiled:
+        # One graph per shape, dtype, mask kind and grad mode: a run needs a few (train, eval, a short
+        # last batch), a benchmark or test many. Past dynamo's default limit of 8, flex would silently
+        # fall back to the unfused path that materializes every score, so the limit is raised.
+        limit = torch._dynamo.config
+        limit.recompile_limit = max(limit.recompile_limit, RECOMPILE_LIMIT)
+        limit.accumulated_recompile_limit = max(limit.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
         _compiled[name] = torch.compile(fn, dynamic=False)
     return _compiled[name]
 
