@@ -11,9 +11,10 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 
 
 def flops_per_token(n_params_non_embedding: int, n_layers: int, d_model: int, attended: float) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus 6 * L * d * (keys each query sees) for attention
-    (2 matmuls of 2 FLOPs each per attended key forward, x3 with the backward)."""
-    return 6 * n_params_non_embedding + 6 * n_layers * d_model * attended
+    """Training FLOPs per token: 6N for the weight matmuls, plus 12 * L * d * (keys each query attends
+    to) for attention: QK^T and PV cost 2 FLOPs per attended key and channel each, forward, and the
+    backward twice that. With causal masking over T keys this is PaLM's 12*L*d*T halved."""
+    return 6 * n_params_non_embedding + 12 * n_layers * d_model * attended
 
 
 def mean_attended_keys(doc_lens: tuple[tuple[int, ...], ...], window: int | None = None) -> float:
