@@ -259,8 +259,9 @@ def test_preference_follows_measurements():
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     assert preference(Cell(**bf16))[0] == "sdpa"
     assert preference(Cell(**bf16, gqa=True))[0] == "sdpa"
-    assert preference(Cell(**bf16, alibi=True))[0] == "flex"
-    assert preference(Cell(**bf16, packed=True))[:2] == ["xformers", "flex"]
+    assert preference(Cell(**bf16, alibi=True))[:2] == ["cudnn", "flex"]
+    assert preference(Cell(**bf16, packed=True))[:3] == ["cudnn", "xformers", "flex"]
+    assert preference(Cell(**bf16, packed=True, gqa=True))[:3] == ["cudnn", "flex", "xformers"]
     assert preference(Cell("cpu"))[0] == "sdpa"
 
 
@@ -330,7 +331,9 @@ def test_cuda_refusals_and_auto():
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     with pytest.raises(KernelRefused, match="block-diagonal"):
         select_backend(Cell(**bf16, packed=True, alibi=True), "xformers")
-    assert select_backend(Cell(**bf16, alibi=True)).name == "flex"
+    cudnn_ok = get_backend("cudnn").unavailable() is None
+    assert select_backend(Cell(**bf16, alibi=True)).name == ("cudnn" if cudnn_ok else "flex")
+    assert select_backend(Cell(**bf16, packed=True)).name == ("cudnn" if cudnn_ok else "xformers")
 
 
 def test_flex_block_mask_cached_per_layout():

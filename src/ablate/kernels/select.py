@@ -32,24 +32,24 @@ def get_backend(name: str) -> Backend:
     return _instances[name]
 
 
-# Auto preference, measured on an H200 (torch 2.11, xformers 0.0.35, bf16, 16 heads x 128, fwd+bwd):
-# - dense causal: SDPA (cuDNN) 485 TFLOP/s vs xformers (its best op is FA2) 281, so SDPA leads
-#   dense cells, GQA included (enable_gqa, no K/V copy).
-# - ALiBi causal: flex 321 TFLOP/s, the best of all; xformers has no ALiBi backward
-#   (LowerTriangularMaskWithTensorBias) and no bias class for packed + ALiBi; SDPA needs a dense
-#   (T, T) bias. Flex leads every ALiBi cell.
-# - packed causal: xformers 219 vs torch varlen_attn 220 vs flex 215, so xformers leads packed
-#   cells and flex follows. With GQA and backward xformers must copy K/V to N heads (its GQA layout
-#   is forward-only) while flex reads the K heads directly, so there flex leads (not yet measured).
-# - window: not yet measured; xformers (FA2 local window) and flex (block mask) both skip masked
-#   tiles, ordered as for packed rows.
+# Auto preference, measured on an H200 (torch 2.11, xformers 0.0.35, cuDNN 9.19, bf16, 16 heads x 128,
+# fwd+bwd TFLOP/s; benchmarks/RESULTS.md has the tables and commands):
+# - packed causal (T=32768, 31 documents): cudnn (ragged SDPA) 348, flex 240, xformers 218,
+#   torch varlen_attn 218. cudnn leads every packed cell it serves (GQA/MQA included, natively);
+#   then xformers/flex. With GQA and backward xformers must copy K/V to N heads (its GQA layout is
+#   forward-only) while flex reads the K heads directly, so there flex comes before xformers.
+# - packed ALiBi: cudnn 337 vs flex 231 (score_mod); xformers has no bias class for packed + ALiBi.
+# - dense ALiBi causal (4 x 8192): cudnn 489, sdpa 153 (dense bias); xformers has no ALiBi backward.
+# - dense causal: sdpa (cuDNN inside torch) 514 vs cudnn 508 vs flex 363 vs xformers (FA2) 295;
+#   GQA dense: sdpa 542 (enable_gqa, no K/V copy) vs cudnn 481.
+# - window (1024 of 8192): xformers 226 (FA2 local); cudnn refuses windows; flex and sdpa follow.
 # - CPU: SDPA (fused CPU flash kernel) before eager; flex is the unfused reference, forward only.
-# Registered backends not named here (cudnn, until it is measured) come after these, before eager.
+# Where cudnn is unavailable (no package, pre-Hopper GPU) the next backend in the list serves.
 CPU_ORDER = ["sdpa", "eager", "flex"]
-DENSE_ORDER = ["sdpa", "xformers", "flex"]
-ALIBI_ORDER = ["flex", "sdpa", "xformers"]
-SPARSE_ORDER = ["xformers", "flex", "sdpa"]
-SPARSE_GQA_TRAIN_ORDER = ["flex", "xformers", "sdpa"]
+DENSE_ORDER = ["sdpa", "cudnn", "xformers", "flex"]
+ALIBI_ORDER = ["cudnn", "flex", "sdpa", "xformers"]
+SPARSE_ORDER = ["cudnn", "xformers", "flex", "sdpa"]
+SPARSE_GQA_TRAIN_ORDER = ["cudnn", "flex", "xformers", "sdpa"]
 
 
 def preference(cell: Cell) -> list[str]:
