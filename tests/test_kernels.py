@@ -260,8 +260,8 @@ def test_preference_follows_measurements():
     assert preference(Cell(**bf16))[0] == "sdpa"
     assert preference(Cell(**bf16, gqa=True))[0] == "sdpa"
     assert preference(Cell(**bf16, alibi=True))[:2] == ["cudnn", "flex"]
-    assert preference(Cell(**bf16, packed=True))[:3] == ["cudnn", "xformers", "flex"]
-    assert preference(Cell(**bf16, packed=True, gqa=True))[:3] == ["cudnn", "flex", "xformers"]
+    assert preference(Cell(**bf16, packed=True))[:3] == ["cudnn", "flex", "xformers"]
+    assert preference(Cell(**bf16, window=True))[:3] == ["cudnn", "flex", "xformers"]
     assert preference(Cell("cpu"))[0] == "sdpa"
 
 
@@ -333,7 +333,7 @@ def test_cuda_refusals_and_auto():
         select_backend(Cell(**bf16, packed=True, alibi=True), "xformers")
     cudnn_ok = get_backend("cudnn").unavailable() is None
     assert select_backend(Cell(**bf16, alibi=True)).name == ("cudnn" if cudnn_ok else "flex")
-    assert select_backend(Cell(**bf16, packed=True)).name == ("cudnn" if cudnn_ok else "xformers")
+    assert select_backend(Cell(**bf16, packed=True)).name == ("cudnn" if cudnn_ok else "flex")
 
 
 def test_flex_block_mask_cached_per_layout():

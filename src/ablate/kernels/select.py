@@ -33,23 +33,22 @@ def get_backend(name: str) -> Backend:
 
 
 # Auto preference, measured on an H200 (torch 2.11, xformers 0.0.35, cuDNN 9.19, bf16, 16 heads x 128,
-# fwd+bwd TFLOP/s; benchmarks/RESULTS.md has the tables and commands):
-# - packed causal (T=32768, 31 documents): cudnn (ragged SDPA) 348, flex 240, xformers 218,
-#   torch varlen_attn 218. cudnn leads every packed cell it serves (GQA/MQA included, natively);
-#   then xformers/flex. With GQA and backward xformers must copy K/V to N heads (its GQA layout is
-#   forward-only) while flex reads the K heads directly, so there flex comes before xformers.
-# - packed ALiBi: cudnn 337 vs flex 231 (score_mod); xformers has no bias class for packed + ALiBi.
-# - dense ALiBi causal (4 x 8192): cudnn 489, sdpa 153 (dense bias); xformers has no ALiBi backward.
-# - dense causal: sdpa (cuDNN inside torch) 514 vs cudnn 508 vs flex 363 vs xformers (FA2) 295;
-#   GQA dense: sdpa 542 (enable_gqa, no K/V copy) vs cudnn 481.
-# - window (1024 of 8192): xformers 226 (FA2 local); cudnn refuses windows; flex and sdpa follow.
+# fwd+bwd TFLOP/s from `python -m ablate.bench.kernels`; benchmarks/RESULTS.md has the tables):
+# - packed causal (T=32768 in one row, documents of 64..2048): cudnn (ragged SDPA) 274, flex 189,
+#   xformers 183 (the standalone benchmarks/cudnn_packed.py: 348 / 240 / 218, varlen_attn 218).
+#   cudnn leads every packed cell it serves (GQA/MQA natively), then flex (which also reads GQA's
+#   K heads directly, where xformers' backward must copy K/V to N heads), then xformers.
+# - packed ALiBi: cudnn 286 vs flex 195 (score_mod); xformers has no bias class for packed + ALiBi.
+# - dense ALiBi causal (4 x 8192): cudnn 485, flex 346, sdpa 154 (dense bias); xformers: no backward.
+# - dense causal: sdpa (cuDNN inside torch) 553 vs cudnn 484 vs flex 362 vs xformers (FA2) 298;
+#   GQA dense: sdpa 541 (enable_gqa, no K/V copy) vs cudnn 487.
+# - window (1024 of 8192): flex 256 vs xformers 223 (FA2 local); cudnn refuses windows.
 # - CPU: SDPA (fused CPU flash kernel) before eager; flex is the unfused reference, forward only.
 # Where cudnn is unavailable (no package, pre-Hopper GPU) the next backend in the list serves.
 CPU_ORDER = ["sdpa", "eager", "flex"]
 DENSE_ORDER = ["sdpa", "cudnn", "xformers", "flex"]
 ALIBI_ORDER = ["cudnn", "flex", "sdpa", "xformers"]
-SPARSE_ORDER = ["cudnn", "xformers", "flex", "sdpa"]
-SPARSE_GQA_TRAIN_ORDER = ["cudnn", "flex", "xformers", "sdpa"]
+SPARSE_ORDER = ["cudnn", "flex", "xformers", "sdpa"]
 
 
 def preference(cell: Cell) -> list[str]:
@@ -59,7 +58,7 @@ def preference(cell: Cell) -> list[str]:
     elif cell.alibi:
         order = ALIBI_ORDER
     elif cell.packed or cell.window:
-        order = SPARSE_GQA_TRAIN_ORDER if cell.gqa and cell.backward else SPARSE_ORDER
+        order = SPARSE_ORDER
     else:
         order = DENSE_ORDER
     known = [name for name in [*order, "eager"] if name in BACKENDS]
