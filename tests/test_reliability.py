@@ -124,3 +124,16 @@ def test_same_seed_gives_bit_identical_loss_curves(tmp_path):
     first, second = curve("a"), curve("b")
     assert len(first) == 12
     assert first == second
+
+
+@pytest.mark.parametrize("backend,head_dim,words", [("cudnn", 12, "multiple of 8"), ("cudnn", 192, "<= 128"),
+                                                    ("xformers", 20, "multiple of 8")])
+def test_head_dim_a_backend_cannot_serve_is_refused_with_the_reason(backend, head_dim, words):
+    """On a GPU machine this is the message run() gives (before compute) for such a model.d_model/n_heads."""
+    import torch
+
+    from ablate.kernels import Cell, get_backend
+
+    cell = Cell("cuda", packed=True, head_dim=head_dim, dtype=torch.bfloat16)
+    reason = get_backend(backend).refuse(cell)
+    assert reason is not None and words in reason
