@@ -224,14 +224,16 @@ def _mask_kwargs(s: _Shape) -> dict[str, Any]:
     return kw
 
 
+def _graph(s: _Shape, handle):  # noqa: ANN001, ANN202
+    """An empty graph: inputs in the run's dtype, softmax and accumulation in float32."""
+    cudnn = _cudnn()
+    return cudnn.pygraph(io_data_type=_cudnn_dtype(s.dtype), intermediate_data_type=cudnn.data_type.FLOAT,
+                         compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+
+
 def _build_fwd(s: _Shape, stats: bool, handle) -> _Plan:
     cudnn = _cudnn()
-    g = cudnn.pygraph(
-        io_data_type=_cudnn_dtype(s.dtype),
-        intermediate_data_type=cudnn.data_type.FLOAT,
-        compute_data_type=cudnn.data_type.FLOAT,
-        handle=handle,
-    )
+    g = _graph(s, handle)
     t = _declare_common(g, s, ("q", "k", "v"))
     o, lse = g.sdpa(
         name="sdpa", q=t["q"], k=t["k"], v=t["v"], generate_stats=stats,
@@ -251,12 +253,7 @@ def _build_fwd(s: _Shape, stats: bool, handle) -> _Plan:
 
 def _build_bwd(s: _Shape, handle) -> _Plan:
     cudnn = _cudnn()
-    g = cudnn.pygraph(
-        io_data_type=_cudnn_dtype(s.dtype),
-        intermediate_data_type=cudnn.data_type.FLOAT,
-        compute_data_type=cudnn.data_type.FLOAT,
-        handle=handle,
-    )
+    g = _graph(s, handle)
     t = _declare_common(g, s, ("q", "k", "v", "o", "dO"))
     B, N, S, D = s.docs, s.n_heads, s.seq, s.head_dim
     t["stats"] = g.tensor(name="stats", dim=[B, N, S, 1], stride=[N * S, S, 1, 1], data_type=cudnn.data_type.FLOAT)
