@@ -87,6 +87,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: no checkpoints
     compile: bool = False
     progress: bool = True
+    parallel: str = "ddp"  # under torchrun: ddp (replicated model) | fsdp (sharded, FSDP2); one process: unused
 
 
 @dataclass
@@ -95,6 +96,24 @@ class TrackingConfig:
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<root>/outputs/mlflow.db
     experiment: str = "ablate"
     run_name: Optional[str] = None
+
+
+@dataclass
+class ClusterConfig:
+    """Slurm resources of each sweep job (hydra/launcher=slurm); `setup` lines run before the job."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 1  # one task per GPU: a job of several GPUs trains data-parallel
+    cpus_per_gpu: int = 8
+    mem_gb: Optional[int] = None  # per node; None: the partition's default
+    timeout_min: int = 240
+    requeues: int = 0  # resubmissions after hitting timeout_min; resumes when train.checkpoint_every > 0
+    max_parallel_jobs: int = 64
+    setup: list[str] = field(default_factory=list)  # e.g. ["source .venv/bin/activate"]
 
 
 @dataclass
@@ -115,10 +134,34 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    device_pool: list[int] = field(default_factory=list)  # GPUs a sweep's jobs share, one job per GPU
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     deterministic: bool = True  # bit-identical CPU runs (CUDA attention backwards are not deterministic)
+
+
+def visible_gpus() -> list[int]:
+    """The CUDA indices this process sees (none on a CPU host): the default `device_pool`."""
+    import torch
+
+    return list(range(torch.cuda.device_count()))
+
+
+RESOLVERS = {
+    "ablate.visible_gpus": visible_gpus,
+    "ablate.jobs_for": lambda pool: max(1, len(pool)),  # one sweep job at a time per GPU of the pool
+}
+
+
+def register_resolvers() -> None:
+    for name, resolver in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+register_resolvers()  # at import: a launcher's worker process composes the config without run.py
 
 
 def register_configs(experiments_dir: Path | None = None) -> None:
@@ -137,8 +180,9 @@ def project_root() -> Path:
     return Path(env).resolve() if env else Path(__file__).resolve().parents[2]
 
 
-def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The config `python run.py <overrides>` would run, for tests, notebooks and tools."""
+def compose(overrides: list[str] | tuple[str, ...] = (), return_hydra_config: bool = False) -> DictConfig:
+    """The config `python run.py <overrides>` would run, for tests, notebooks and tools (with `hydra`,
+    the launcher's settings among them, if `return_hydra_config`)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -146,4 +190,4 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     os.environ.setdefault("ABLATE_ROOT", str(root))
     register_configs(root / "experiments")
     with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -10,12 +11,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from ablate.data import build_data
 from ablate.models import LanguageModel, count_params
-from ablate.tracking.mlflow import flatten, git_commit, open_tracker
+from ablate.tracking.mlflow import Tracker, flatten, git_commit, open_tracker
 from ablate.tracking.sweep import parent_run_id
-from ablate.train import checkpoint
+from ablate.train import checkpoint, distributed
+from ablate.train.distributed import Dist
 from ablate.train.loop import Trainer
 from ablate.train.metrics import flops_per_token, mean_attended_keys
-from ablate.validate import plan
+from ablate.validate import ConfigError, Plan, plan
 
 log = logging.getLogger("ablate")
 
@@ -40,28 +42,46 @@ def _overrides() -> str:
 def run(cfg: DictConfig) -> float:
     """Train and evaluate one configuration; returns the final validation loss."""
     the_plan = plan(cfg)  # every config problem is reported here, before data, model or tracker exist
-    seed_everything(cfg.seed, cfg.deterministic, the_plan.device)
-    data = build_data(cfg.data, context=cfg.model.context, batch_size=cfg.train.batch_size, seed=cfg.seed,
-                      vocab_size=None)
-    overrides = _overrides()
+    if cfg.train.parallel not in distributed.PARALLEL:
+        raise ConfigError(f"the configuration cannot run:\n  - train.parallel='{cfg.train.parallel}' is unknown; "
+                          f"choose one of: {', '.join(distributed.PARALLEL)}")
+    # under torchrun: this rank's process group and device; in a multirun on a GPU host: a free GPU
+    with distributed.placement(cfg, the_plan.device) as (dist, device):
+        return _run(cfg, replace(the_plan, device=device), dist)
+
+
+def _tags(cfg: DictConfig, the_plan: Plan, overrides: str, dist: Dist) -> dict[str, str]:
     tags = {"ablate.backend": the_plan.backend.name, "ablate.overrides": overrides or "(defaults)",
             "ablate.device": the_plan.device.type}
+    if dist.enabled:
+        tags.update({"ablate.world_size": str(dist.world_size), "ablate.parallel": cfg.train.parallel})
     parent = parent_run_id()
     if parent:
         tags["mlflow.parentRunId"] = parent
     commit = git_commit(cfg.paths.root_dir)
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    ckpt_dir = checkpoint.checkpoint_dir(cfg) if cfg.train.checkpoint_every else None
+    return tags
+
+
+def _run(cfg: DictConfig, the_plan: Plan, dist: Dist) -> float:
+    seed_everything(cfg.seed, cfg.deterministic, the_plan.device)
+    # data parallel: every rank reads the global batch (train.batch_size rows per rank) and keeps its rows
+    data = build_data(cfg.data, context=cfg.model.context, batch_size=cfg.train.batch_size * dist.world_size,
+                      seed=cfg.seed, vocab_size=None)
+    overrides = _overrides()
+    ckpt_dir = checkpoint.checkpoint_dir(cfg, dist.world_size) if cfg.train.checkpoint_every else None
     previous = checkpoint.load(ckpt_dir / "last.pt") if ckpt_dir else None
-    tracker = open_tracker(cfg, run_name=cfg.tracking.run_name or overrides or "defaults", tags=tags,
-                           run_id=previous["run_id"] if previous else None)
+    # one MLflow run per job: rank 0 opens it, the other ranks log nowhere
+    tracker = open_tracker(cfg, run_name=cfg.tracking.run_name or overrides or "defaults",
+                           tags=_tags(cfg, the_plan, overrides, dist),
+                           run_id=previous["run_id"] if previous else None) if dist.is_main else Tracker()
     try:
         model = LanguageModel(cfg, data.tokenizer.vocab_size, the_plan.backend).to(the_plan.device)
         n_params = count_params(model)
         fpt = flops_per_token(count_params(model, non_embedding=True), cfg.model.n_layers, cfg.model.d_model,
                               mean_attended_keys(data.val_batches()[0].doc_lens, cfg.attention.window))
-        trainer = Trainer(model, data, cfg, tracker, the_plan.device, fpt, checkpoint_dir=ckpt_dir)
+        trainer = Trainer(model, data, cfg, tracker, the_plan.device, fpt, checkpoint_dir=ckpt_dir, dist=dist)
         if previous:
             checkpoint.restore(trainer, previous)
             tracker.set_tags({"ablate.resumed_from_step": str(trainer.state.step)})
@@ -81,7 +101,8 @@ def run(cfg: DictConfig) -> float:
     except BaseException as err:
         tracker.finish("FAILED", error=err)
         raise
-    print_summary(cfg, the_plan, n_params, trainer, result, tracker.run_id)
+    if dist.is_main:
+        print_summary(cfg, the_plan, n_params, trainer, result, tracker.run_id)
     return float(result["val/loss"])
 
 

@@ -2,7 +2,8 @@
 
 A run's checkpoints live in `<output_dir>/checkpoints/<config hash>/`, so re-running the same
 command finds them: `last.pt` is resumed from; a finished run renames it to `final.pt`, which is
-never resumed from (the same command then starts a new run).
+never resumed from (the same command then starts a new run). A data-parallel run of N ranks keeps its
+own folder, `<config hash>-<train.parallel>x<N>`: rank 0 writes it, every rank resumes from it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-VOLATILE = ("paths", "tracking", "train.progress")
+from ablate.train.distributed import full_state, load_full_state
+
+# what does not change the numbers: where a run logs and saves, and how it is placed on devices
+VOLATILE = ("paths", "tracking", "train.progress", "train.parallel", "device_pool", "cluster")
 
 
 def config_key(cfg: DictConfig) -> str:
@@ -32,8 +36,9 @@ def config_key(cfg: DictConfig) -> str:
     return hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def checkpoint_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.output_dir).resolve() / "checkpoints" / config_key(cfg)
+def checkpoint_dir(cfg: DictConfig, world_size: int = 1) -> Path:
+    key = config_key(cfg) if world_size == 1 else f"{config_key(cfg)}-{cfg.train.parallel}x{world_size}"
+    return Path(cfg.paths.output_dir).resolve() / "checkpoints" / key
 
 
 def rng_state() -> dict[str, Any]:
@@ -69,11 +74,13 @@ def load(path: Path) -> dict[str, Any] | None:
 
 
 def trainer_payload(trainer, run_id: str | None) -> dict[str, Any]:  # noqa: ANN001 - a Trainer
+    """Everything to resume from; with a sharded (FSDP) model every rank must call it, as it gathers."""
+    model_state, optimizer_state = full_state(trainer.model, trainer.optimizer)
     return {
         "step": trainer.state.step,
         "history": trainer.state.history,
-        "model": trainer.model.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
         "data": trainer.data.train.state_dict(),
         "rng": rng_state(),
         "run_id": run_id,
@@ -81,8 +88,7 @@ def trainer_payload(trainer, run_id: str | None) -> dict[str, Any]:  # noqa: ANN
 
 
 def restore(trainer, payload: dict[str, Any]) -> None:  # noqa: ANN001
-    trainer.model.load_state_dict(payload["model"])
-    trainer.optimizer.load_state_dict(payload["optimizer"])
+    load_full_state(trainer.model, trainer.optimizer, payload["model"], payload["optimizer"])
     trainer.data.train.load_state_dict(payload["data"])
     trainer.state.step = payload["step"]
     trainer.state.history = payload["history"]

@@ -2,6 +2,8 @@
 
 Per step the loop keeps the loss and gradient norm on the device; they are read back (one host
 synchronisation) every `train.log_every` steps, when metrics are sent to the tracker in one batch.
+Under torchrun (`dist`), each rank trains on its rows of the global batch (see `ablate.train.distributed`);
+the logged loss is summed over ranks then, and a stop signal on any rank stops all after the same step.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from typing import Any, Iterator
 
 import torch
 
-from ablate.train import checkpoint
+from ablate.train import checkpoint, distributed
+from ablate.train.distributed import SINGLE, Dist
 from ablate.train.evaluate import evaluate
 from ablate.train.metrics import peak_flops, peak_memory_gib
 
@@ -57,9 +60,12 @@ class LoopState:
 
 class Trainer:
     def __init__(self, model, data, cfg, tracker, device: torch.device, flops_per_token: float,  # noqa: ANN001
-                 checkpoint_dir: Path | None = None):
+                 checkpoint_dir: Path | None = None, dist: Dist = SINGLE):
         self.model, self.data, self.cfg, self.tracker, self.device = model, data, cfg, tracker, device
-        self.t = cfg.train
+        self.t, self.dist = cfg.train, dist
+        # data parallel: the model is wrapped (DDP) or sharded in place (FSDP) before the optimizer sees it
+        self.summed_loss = distributed.parallelize(model, self.t.parallel) if dist.enabled else None
+        self.clip = distributed.clip_grad_norm if dist.enabled else torch.nn.utils.clip_grad_norm_
         self.optimizer = make_optimizer(model, self.t)
         self.state = LoopState()
         self.flops_per_token = flops_per_token
@@ -68,8 +74,12 @@ class Trainer:
         self.checkpoint_dir = checkpoint_dir if self.t.checkpoint_every else None
         if self.checkpoint_dir is not None:
             tracker.FLUSH_SECONDS = float("inf")
+        # the handler only sets `_signal`; `_stop` is what the ranks agreed on after a step (a signal that
+        # lands while that agreement is under way is then not overwritten, but agreed on after the next step)
+        self._signal: str | None = None
         self._stop: str | None = None
-        self.step_fn = torch.compile(self._forward_backward) if self.t.compile else self._forward_backward
+        step_fn = self._forward_backward_rows if dist.enabled else self._forward_backward
+        self.step_fn = torch.compile(step_fn) if self.t.compile else step_fn
         bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
 
@@ -79,8 +89,28 @@ class Trainer:
         loss.backward()
         return loss.detach()
 
+    def _forward_backward_rows(self, rows, scale: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        """This rank's rows: loss summed, scaled by world size / global targets (ranks average gradients);
+        returns this rank's share of the global mean loss."""
+        with self.autocast():
+            total = self.summed_loss(rows)
+        (total * scale).backward()
+        return total.detach() * scale / self.dist.world_size
+
+    def _train_step(self, batch) -> torch.Tensor:  # noqa: ANN001 - the global batch, on the host
+        if not self.dist.enabled:
+            return self.step_fn(batch.to(self.device))
+        rows = distributed.shard_rows(batch, self.dist.rank, self.dist.world_size)
+        # a 0-d CPU tensor: a kernel argument, neither a host-to-device copy nor a recompile per value
+        scale = torch.tensor(self.dist.world_size / max(batch.n_targets, 1))
+        return self.step_fn(rows.to(self.device), scale)
+
     def evaluate(self) -> dict[str, float]:
-        result = evaluate(self.model, self.data.val_batches(), self.device, self.autocast)
+        split = {}
+        if self.dist.enabled:
+            split = {"shard": lambda b: distributed.shard_rows(b, self.dist.rank, self.dist.world_size),
+                     "reduce": self.dist.sum}
+        result = evaluate(self.model, self.data.val_batches(), self.device, self.autocast, **split)
         self.tracker.log_metrics(result, step=self.state.step)
         self.state.history.append({"step": self.state.step, **result})
         if self.checkpoint_dir is None:
@@ -89,10 +119,13 @@ class Trainer:
 
     def save_checkpoint(self, final: bool = False) -> None:
         self.tracker.flush()
-        path = self.checkpoint_dir / "last.pt"
-        checkpoint.save(path, checkpoint.trainer_payload(self, self.tracker.run_id))
-        if final:
-            path.replace(path.with_name("final.pt"))
+        payload = checkpoint.trainer_payload(self, self.tracker.run_id)  # every rank: FSDP gathers here
+        if self.dist.is_main:
+            path = self.checkpoint_dir / "last.pt"
+            checkpoint.save(path, payload)
+            if final:
+                path.replace(path.with_name("final.pt"))
+        self.dist.barrier()
 
     @contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
@@ -102,7 +135,7 @@ class Trainer:
             return
 
         def request_stop(signum, frame):  # noqa: ANN001
-            self._stop = signal.Signals(signum).name
+            self._signal = signal.Signals(signum).name
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -116,7 +149,7 @@ class Trainer:
         self.model.train()
         pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
         tokens_since, clock = 0, time.perf_counter()
-        progress = _progress(t, self.state.step)
+        progress = _progress(t, self.state.step) if self.dist.is_main else None
         with self._stop_on_signals():
             self._loop(pending, tokens_since, clock, progress)
         if progress is not None:
@@ -133,27 +166,30 @@ class Trainer:
                 group["lr"] = lr
             batch = next(self.data.train)
             tokens_since += batch.tokens.numel() - batch.n_pad
-            loss = self.step_fn(batch.to(self.device))
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            loss = self._train_step(batch)
+            grad_norm = self.clip(model.parameters(), t.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             pending.append((step, loss, grad_norm, lr))
             self.state.step = step + 1
+            self._stop = self.dist.agree_stop(self._signal)
             last = self.state.step == t.steps
             save = self.checkpoint_dir is not None and (self.state.step % t.checkpoint_every == 0 or last)
             if self.state.step % t.log_every == 0 or last or save or self._stop:
                 self._report(pending, tokens_since, clock, progress)
                 pending, tokens_since, clock = [], 0, time.perf_counter()
+            paused = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s
             if self.state.step % t.eval_every == 0 or last:
                 self.evaluate()
             if save or (self._stop and self.checkpoint_dir is not None):
                 self.save_checkpoint(final=last)
+            clock += time.perf_counter() - paused
             if self._stop:
                 self.tracker.flush()
                 raise Interrupted(f"{self._stop} at step {self.state.step}")
 
     def _report(self, pending, tokens: int, clock: float, progress) -> None:  # noqa: ANN001
-        losses = torch.stack([p[1] for p in pending]).float().tolist()  # the one host sync per interval
+        losses = self.dist.sum(torch.stack([p[1] for p in pending]).float()).tolist()  # the one host sync
         norms = torch.stack([p[2] for p in pending]).float().tolist()
         seconds = time.perf_counter() - clock
         for (step, _, _, lr), loss, norm in zip(pending, losses, norms):
