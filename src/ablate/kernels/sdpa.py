@@ -48,8 +48,9 @@ def additive_mask(spec: AttentionSpec, n_rows: int, row_len: int, dtype: torch.d
     if not spec.causal:
         dist_TT = dist_TT.abs()
     mask = torch.empty(rows, spec.n_heads, row_len, row_len, dtype=dtype, device=device)
-    for n, slope in enumerate(spec.alibi_slopes.tolist()):
-        mask[:, n] = (dist_TT * -slope).masked_fill(blocked_BTT, float("-inf"))
+    slopes_N = spec.alibi_slopes.to(device=device, dtype=torch.float32)  # stays on the device: no host read
+    for n in range(spec.n_heads):
+        mask[:, n] = (dist_TT * -slopes_N[n]).masked_fill(blocked_BTT, float("-inf"))
     return mask
 
 
