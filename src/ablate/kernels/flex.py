@@ -7,9 +7,13 @@ their unmasked work. ALiBi is a score_mod, applied in float32 inside the kernel.
 `enable_gqa=True`: each query head reads its kv head, nothing is repeated (on CUDA; the CPU path
 is PyTorch's unfused reference, which does repeat).
 
-On CUDA, flex_attention and create_block_mask are compiled once per process (lazily, on first
-use). Block masks are kept in a small LRU keyed on the packing layout (document lengths, T,
-window, causal, device), so a layout seen before is never rebuilt.
+Block masks are built on the host, with the batch (`block_states`: which tiles are empty, partial
+or full, from each tile's first and last document), so no mask function is evaluated on the
+device and nothing is traced per batch. On the device, the partial tiles read the batch's document
+ids from one buffer per (rows, length, device), overwritten in place for every batch: the mask
+functions are made once, so a compiled step sees the same block-mask structure every batch and is
+never recompiled for a new layout. Inside a compiled step flex_attention is traced into its fused
+kernel; called eagerly on CUDA it runs through its own compiled wrapper, made once per process.
 
 On CPU flex_attention runs forward only (PyTorch raises "FlexAttention does not support backward
 on CPU" for inputs that require grad), uncompiled: useful to check masks, not for speed.
@@ -18,24 +22,24 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
-from ablate.kernels.base import BACKENDS, Backend
-from ablate.kernels.spec import AttentionSpec, Cell, document_ids
+from ablate.kernels.base import BACKENDS, Backend, Layout
+from ablate.kernels.spec import AttentionSpec, Cell, alibi_slopes, document_ids, is_packed
 
 try:
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # torch without flex attention
-    flex_attention = create_block_mask = BlockMask = None
+    flex_attention = BlockMask = None
 
 MaskMod = Callable[..., torch.Tensor]
-BLOCK_MASK_CACHE_SIZE = 16
-_block_masks: OrderedDict[tuple, BlockMask] = OrderedDict()
-_compiled: dict[str, Callable] = {}
+BLOCK = 128  # flex_attention's default tile
 RECOMPILE_LIMIT = 256
+EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
 def causal_mask_mod(b, h, q_idx, kv_idx):
@@ -75,14 +79,103 @@ def get_alibi_score_mod(slopes_N: torch.Tensor, causal: bool):
     return alibi_score_mod
 
 
-def build_mask_mod(spec: AttentionSpec, doc_BT: torch.Tensor | None) -> MaskMod | None:
+@functools.lru_cache(maxsize=None)
+def alibi_score_mod(n_heads: int, causal: bool, device: str):  # noqa: ANN201
+    """One ALiBi score_mod per head count and device, so that eager calls reuse one compiled graph."""
+    return get_alibi_score_mod(alibi_slopes(n_heads).to(device), causal)
+
+
+def base_mask_mod(spec: AttentionSpec) -> MaskMod | None:
     if spec.window is not None:
-        mask_mod = get_sliding_window_mask_mod(spec.window, spec.causal)
-    else:
-        mask_mod = causal_mask_mod if spec.causal else None
-    if doc_BT is not None:
-        mask_mod = get_document_mask_mod(mask_mod, doc_BT)
-    return mask_mod
+        return get_sliding_window_mask_mod(spec.window, spec.causal)
+    return causal_mask_mod if spec.causal else None
+
+
+# ---- host side: the tiles of a batch
+
+
+def block_states(spec: AttentionSpec, doc_BT: np.ndarray, block: int = BLOCK) -> np.ndarray:
+    """(B, nq, nk) uint8: EMPTY, PARTIAL or FULL for every (query tile, key tile) of the batch.
+
+    Documents are runs of equal ids along a row, so a tile is described by its first and last
+    document id: two tiles share a document iff their id ranges overlap, and every pair is in one
+    document iff both tiles hold a single, equal id. Positions, for the causal and window rules,
+    span the tile's first to last index (the last tile may be short)."""
+    B, T = doc_BT.shape
+    n = -(-T // block)
+    starts = np.arange(n) * block
+    ends = np.minimum(starts + block, T) - 1  # last index in the tile
+    lo, hi = doc_BT[:, starts], doc_BT[:, ends]  # (B, n): first and last document id of each tile
+    q_lo, q_hi, k_lo, k_hi = lo[:, :, None], hi[:, :, None], lo[:, None, :], hi[:, None, :]
+    some = (q_hi >= k_lo) & (k_hi >= q_lo)
+    every = (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
+    qs, qe, ks, ke = starts[:, None], ends[:, None], starts[None, :], ends[None, :]
+    if spec.causal:
+        some &= (qe >= ks)[None]  # some query at or after some key
+        every &= (qs >= ke)[None]  # every query at or after every key
+        if spec.window is not None:
+            some &= (qs - ke < spec.window)[None]
+            every &= (qe - ks < spec.window)[None]
+    elif spec.window is not None:
+        gap = np.maximum(0, np.maximum(qs - ke, ks - qe))
+        some &= (gap < spec.window)[None]
+        every &= (np.maximum(qe - ks, ke - qs) < spec.window)[None]
+    if T % block:  # a short last tile is never full: the kernel's bounds check needs the mask function
+        every[:, -1, :] = False
+        every[:, :, -1] = False
+    return np.where(every, FULL, np.where(some, PARTIAL, EMPTY)).astype(np.uint8)
+
+
+def ordered(select: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flex's ordered form of a (B, nq, nk) selection: counts (B, 1, nq) and column indices
+    (B, 1, nq, nk), the selected columns first, in order."""
+    counts = select.sum(-1, dtype=np.int32)
+    indices = np.argsort(~select, axis=-1, kind="stable").astype(np.int32)
+    return counts[:, None], indices[:, None]
+
+
+@dataclass
+class FlexLayout(Layout):
+    """A batch's block mask in host form, and its document ids (None: one document per row)."""
+
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    full_kv_num_blocks: torch.Tensor
+    full_kv_indices: torch.Tensor
+    doc_ids: torch.Tensor | None
+    spec: AttentionSpec
+    row_len: int
+    block_mask: object = None  # the BlockMask, made by `finish`
+
+    def finish(self, device: torch.device) -> "FlexLayout":
+        mask_mod = base_mask_mod(self.spec)
+        if self.doc_ids is not None:
+            buffer, mask_mod = document_mask(self.spec, self.doc_ids.shape[0], self.row_len, str(device))
+            buffer.copy_(self.doc_ids, non_blocking=True)
+        self.block_mask = BlockMask.from_kv_blocks(
+            self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
+            BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(self.row_len, self.row_len),
+        )
+        return self
+
+
+@functools.lru_cache(maxsize=64)
+def document_mask(spec: AttentionSpec, n_rows: int, row_len: int, device: str) -> tuple[torch.Tensor, MaskMod]:
+    """The (B, T) document-id buffer of this shape and the one mask function that reads it."""
+    buffer = torch.zeros(n_rows, row_len, dtype=torch.int32, device=device)
+    return buffer, get_document_mask_mod(base_mask_mod(spec), buffer)
+
+
+def prepare_flex(spec: AttentionSpec, doc_lens, n_rows: int, row_len: int) -> FlexLayout:  # noqa: ANN001
+    packed = is_packed(doc_lens)
+    rows = n_rows if packed else 1
+    doc_BT = document_ids(doc_lens if packed else None, rows, row_len)
+    states = block_states(spec, doc_BT)
+    kv_num, kv_idx = ordered(states == PARTIAL)
+    full_num, full_idx = ordered(states == FULL)
+    as_tensor = torch.from_numpy
+    return FlexLayout(as_tensor(kv_num), as_tensor(kv_idx), as_tensor(full_num), as_tensor(full_idx),
+                      as_tensor(doc_BT) if packed else None, spec, row_len)
 
 
 def uncompiled(fn: Callable) -> Callable:
@@ -98,40 +191,18 @@ def uncompiled(fn: Callable) -> Callable:
     return run
 
 
-def compiled(name: str, fn: Callable, device: torch.device) -> Callable:
-    """`fn` compiled once per process on CUDA; the unfused reference elsewhere."""
-    if device.type != "cuda":
-        return uncompiled(fn)
-    if name not in _compiled:
-        # One graph per shape, dtype, mask kind and grad mode: a run needs a few (train, eval, a short
-        # last batch), a benchmark or test many. Past dynamo's default limit of 8, flex would silently
-        # fall back to the unfused path that materializes every score, so the limit is raised.
-        limit = torch._dynamo.config
-        limit.recompile_limit = max(limit.recompile_limit, RECOMPILE_LIMIT)
-        limit.accumulated_recompile_limit = max(limit.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
-        _compiled[name] = torch.compile(fn, dynamic=False)
-    return _compiled[name]
-
-
-def block_mask_for(spec: AttentionSpec, n_rows: int, row_len: int,
-                   device: torch.device) -> BlockMask | None:
-    """The block mask for this layout, from the LRU when the layout was seen before."""
-    docs = spec.doc_lens if spec.packed else None
-    key = (docs, row_len, spec.window, spec.causal, str(device))
-    if key in _block_masks:
-        _block_masks.move_to_end(key)
-        return _block_masks[key]
-    doc_BT = document_ids(spec, n_rows, row_len, device) if docs is not None else None
-    mask_mod = build_mask_mod(spec, doc_BT)
-    if mask_mod is None:
-        return None
-    make = compiled("create_block_mask", create_block_mask, device)
-    block_mask = make(mask_mod, n_rows if docs is not None else None, None, row_len, row_len,
-                      device=device)
-    _block_masks[key] = block_mask
-    if len(_block_masks) > BLOCK_MASK_CACHE_SIZE:
-        _block_masks.popitem(last=False)
-    return block_mask
+@functools.lru_cache(maxsize=None)
+def flex_for(device_type: str) -> Callable:
+    """flex_attention compiled once per process on CUDA (for eager callers); the unfused reference elsewhere."""
+    if device_type != "cuda":
+        return uncompiled(flex_attention)
+    # One graph per shape, dtype, mask kind and grad mode: a run needs a few (train, eval, a short
+    # last batch), a benchmark or test many. Past dynamo's default limit of 8, flex would silently
+    # fall back to the unfused path that materializes every score, so the limit is raised.
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
+    return torch.compile(flex_attention, dynamic=False)
 
 
 @BACKENDS.register("flex")
@@ -146,6 +217,8 @@ class FlexBackend(Backend):
     def refuse(self, cell: Cell) -> str | None:
         if cell.device == "cpu" and cell.backward:
             return "FlexAttention does not support backward on CPU"
+        if cell.device == "cpu" and cell.compiled:
+            return "FlexAttention's compiled kernel needs CUDA (on CPU it runs an unfused reference)"
         return None
 
     def caveat(self, cell: Cell) -> str | None:
@@ -153,20 +226,15 @@ class FlexBackend(Backend):
             return "CPU runs PyTorch's unfused reference (full score matrix), for checking only"
         return None
 
-    def attend(self, q_BTNH, k_BTKH, v_BTKH, spec: AttentionSpec) -> torch.Tensor:
-        B, T, N, H = q_BTNH.shape
-        device = q_BTNH.device
-        block_mask = spec.cached(
-            f"flex.block_mask.{B}x{T}.{device}", lambda: block_mask_for(spec, B, T, device)
-        )
-        score_mod = None
-        if spec.alibi_slopes is not None:
-            score_mod = spec.cached(
-                f"flex.alibi.{device}",
-                lambda: get_alibi_score_mod(spec.alibi_slopes.to(device), spec.causal),
-            )
-        o_BNTH = compiled("flex_attention", flex_attention, device)(
-            q_BTNH.transpose(1, 2), k_BTKH.transpose(1, 2), v_BTKH.transpose(1, 2),
-            score_mod=score_mod, block_mask=block_mask, enable_gqa=spec.groups > 1,
-        )
+    def prepare(self, spec, doc_lens, n_rows, row_len):  # noqa: ANN001, ANN201
+        return prepare_flex(spec, doc_lens, n_rows, row_len)
+
+    def attend(self, q_BTNH, k_BTKH, v_BTKH, spec: AttentionSpec, layout: FlexLayout | None = None) -> torch.Tensor:
+        B, T = q_BTNH.shape[:2]
+        if layout is None:  # an eager caller that skipped `prepare`
+            layout = prepare_flex(spec, None, B, T).to(q_BTNH.device)
+        score_mod = alibi_score_mod(spec.n_heads, spec.causal, str(q_BTNH.device)) if spec.alibi else None
+        fn = flex_attention if torch.compiler.is_compiling() else flex_for(q_BTNH.device.type)
+        o_BNTH = fn(q_BTNH.transpose(1, 2), k_BTKH.transpose(1, 2), v_BTKH.transpose(1, 2),
+                    score_mod=score_mod, block_mask=layout.block_mask, enable_gqa=spec.groups > 1)
         return o_BNTH.transpose(1, 2)

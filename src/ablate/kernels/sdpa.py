@@ -2,8 +2,8 @@
 
 Plain dense attention (causal or not, MHA or GQA) passes no mask, so SDPA may take its fused
 kernels (cuDNN or flash on CUDA, the flash kernel on CPU); `is_causal=True` says causal. Packed
-rows, windows and ALiBi become one additive float mask per batch, (B|1, 1|N, T, T) in q's dtype,
-built once through `spec.cached` and shared by every layer. A masked call cannot use the flash
+rows, windows and ALiBi become one additive float mask, (B|1, 1|N, T, T) in q's dtype, from the
+batch's dense boolean mask (`MaskLayout`, built once per batch). A masked call cannot use the flash
 kernel; on CUDA it runs the memory-efficient (cutlass) kernel, which reads the mask from memory.
 
 GQA/MQA pass `enable_gqa=True`, so K/V keep their K heads and nothing is repeated. One exception,
@@ -22,36 +22,22 @@ import torch
 import torch.nn.functional as F
 
 from ablate.kernels.base import BACKENDS, Backend
-from ablate.kernels.spec import AttentionSpec, Cell, allowed_mask
+from ablate.kernels.eager import MaskLayout, mask_for, prepare_mask
+from ablate.kernels.spec import AttentionSpec, Cell, alibi_bias
 
 
-def needs_mask(spec: AttentionSpec) -> bool:
+def needs_mask(spec: AttentionSpec, layout: MaskLayout | None) -> bool:
     """Whether the batch needs more than SDPA's own causal flag (documents, window or ALiBi)."""
-    return spec.packed or spec.window is not None or spec.alibi_slopes is not None
+    return layout is not None or spec.window is not None or spec.alibi
 
 
-def additive_mask(spec: AttentionSpec, n_rows: int, row_len: int, dtype: torch.dtype,
-                  device: torch.device) -> torch.Tensor:
-    """(B|1, 1|N, T, T) mask in `dtype`: ALiBi bias (or 0) where allowed, -inf elsewhere.
-
-    The batch dimension is 1 unless rows hold different documents; the head dimension is 1 unless
-    ALiBi gives each head its own bias. Built a head at a time, so the only float32 temporaries
-    are (B|1, T, T). Every query sees at least itself, so no row is all -inf.
-    """
-    rows = n_rows if spec.packed else 1
-    blocked_BTT = ~allowed_mask(spec, rows, row_len, device)[:, 0]
-    if spec.alibi_slopes is None:
-        mask = torch.zeros(rows, 1, row_len, row_len, dtype=dtype, device=device)
-        return mask.masked_fill_(blocked_BTT[:, None], float("-inf"))
-    i = torch.arange(row_len, device=device)
-    dist_TT = (i[:, None] - i[None, :]).float()
-    if not spec.causal:
-        dist_TT = dist_TT.abs()
-    mask = torch.empty(rows, spec.n_heads, row_len, row_len, dtype=dtype, device=device)
-    slopes_N = spec.alibi_slopes.to(device=device, dtype=torch.float32)  # stays on the device: no host read
-    for n in range(spec.n_heads):
-        mask[:, n] = (dist_TT * -slopes_N[n]).masked_fill(blocked_BTT, float("-inf"))
-    return mask
+def additive_mask(spec: AttentionSpec, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B|1, 1|N, T, T) mask in `dtype`: ALiBi bias (or 0) where allowed, -inf elsewhere."""
+    T = allowed.shape[-1]
+    bias = torch.zeros((), dtype=torch.float32, device=allowed.device)
+    if spec.alibi:
+        bias = alibi_bias(spec.slopes(allowed.device), T, spec.causal)
+    return bias.masked_fill(~allowed, float("-inf")).to(dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,6 +61,19 @@ def repeat_heads(x_BKTH: torch.Tensor, groups: int) -> torch.Tensor:
     return x_BKTH[:, :, None].expand(B, K, groups, T, H).reshape(B, K * groups, T, H)
 
 
+def sdpa(q_BTNH, k_BTKH, v_BTKH, spec: AttentionSpec, mask: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
+    """SDPA on BTNH tensors: `mask` is an additive (B|1, 1|N, T, T) mask or None (causal flag)."""
+    H = q_BTNH.shape[-1]
+    q_BNTH, k_BKTH, v_BKTH = (t.transpose(1, 2) for t in (q_BTNH, k_BTKH, v_BTKH))
+    gqa = spec.groups > 1
+    if gqa and q_BTNH.is_cuda and not fused_gqa(str(q_BTNH.device), q_BTNH.dtype, H, mask is not None, spec.causal):
+        k_BKTH, v_BKTH = repeat_heads(k_BKTH, spec.groups), repeat_heads(v_BKTH, spec.groups)
+        gqa = False
+    o_BNTH = F.scaled_dot_product_attention(q_BNTH, k_BKTH, v_BKTH, attn_mask=mask,
+                                            is_causal=spec.causal and mask is None, enable_gqa=gqa)
+    return o_BNTH.transpose(1, 2)
+
+
 @BACKENDS.register("sdpa")
 class SdpaBackend(Backend):
     name = "sdpa"
@@ -90,23 +89,11 @@ class SdpaBackend(Backend):
             notes.append("GQA repeats K/V where no fused kernel takes enable_gqa (see fused_gqa)")
         return "; ".join(notes) or None
 
-    def attend(self, q_BTNH, k_BTKH, v_BTKH, spec: AttentionSpec) -> torch.Tensor:
-        B, T, N, H = q_BTNH.shape
-        q_BNTH = q_BTNH.transpose(1, 2)
-        k_BKTH = k_BTKH.transpose(1, 2)
-        v_BKTH = v_BTKH.transpose(1, 2)
+    def prepare(self, spec, doc_lens, n_rows, row_len):  # noqa: ANN001, ANN201
+        return prepare_mask(spec, doc_lens, n_rows, row_len)
+
+    def attend(self, q_BTNH, k_BTKH, v_BTKH, spec: AttentionSpec, layout: MaskLayout | None = None) -> torch.Tensor:
         mask = None
-        if needs_mask(spec):
-            key = f"sdpa.mask.{B}x{T}.{q_BTNH.dtype}.{q_BTNH.device}"
-            mask = spec.cached(key, lambda: additive_mask(spec, B, T, q_BTNH.dtype, q_BTNH.device))
-        gqa = spec.groups > 1
-        if gqa and q_BTNH.is_cuda and not fused_gqa(
-            str(q_BTNH.device), q_BTNH.dtype, H, mask is not None, spec.causal
-        ):
-            k_BKTH, v_BKTH = repeat_heads(k_BKTH, spec.groups), repeat_heads(v_BKTH, spec.groups)
-            gqa = False
-        o_BNTH = F.scaled_dot_product_attention(
-            q_BNTH, k_BKTH, v_BKTH, attn_mask=mask,
-            is_causal=spec.causal and mask is None, enable_gqa=gqa,
-        )
-        return o_BNTH.transpose(1, 2)
+        if needs_mask(spec, layout):
+            mask = additive_mask(spec, mask_for(spec, layout, q_BTNH.shape[1], q_BTNH.device), q_BTNH.dtype)
+        return sdpa(q_BTNH, k_BTKH, v_BTKH, spec, mask)

@@ -32,19 +32,12 @@ def get_backend(name: str) -> Backend:
     return _instances[name]
 
 
-# Auto preference, measured on an H200 (torch 2.11, xformers 0.0.35, cuDNN 9.19, bf16, 16 heads x 128,
-# fwd+bwd TFLOP/s from `python -m ablate.bench.kernels`; benchmarks/RESULTS.md has the tables):
-# - packed causal (T=32768 in one row, documents of 64..2048): cudnn (ragged SDPA) 274, flex 189,
-#   xformers 183 (the standalone benchmarks/cudnn_packed.py: 348 / 240 / 218, varlen_attn 218).
-#   cudnn leads every packed cell it serves (GQA/MQA natively), then flex (which also reads GQA's
-#   K heads directly, where xformers' backward must copy K/V to N heads), then xformers.
-# - packed ALiBi: cudnn 286 vs flex 195 (score_mod); xformers has no bias class for packed + ALiBi.
-# - dense ALiBi causal (4 x 8192): cudnn 485, flex 346, sdpa 154 (dense bias); xformers: no backward.
-# - dense causal: sdpa (cuDNN inside torch) 553 vs cudnn 484 vs flex 362 vs xformers (FA2) 298;
-#   GQA dense: sdpa 541 (enable_gqa, no K/V copy) vs cudnn 487.
-# - window (1024 of 8192): flex 256 vs xformers 223 (FA2 local); cudnn refuses windows.
-# - CPU: SDPA (fused CPU flash kernel) before eager; flex is the unfused reference, forward only.
-# Where cudnn is unavailable (no package, pre-Hopper GPU) the next backend in the list serves.
+# Auto preference: the fastest backend that serves a cell, from `python -m ablate.bench.kernels` on
+# an H200 (figures in benchmarks/RESULTS.md). cudnn (ragged SDPA) leads packed rows and ALiBi, flex
+# follows (it reads GQA's K heads directly, where xformers' backward copies K/V to N heads); SDPA
+# (cuDNN's dense kernel inside torch) leads dense causal and dense GQA; flex leads windows, which
+# cudnn refuses. On CPU, SDPA's fused flash kernel comes before the eager reference; flex is
+# forward-only there. Where cudnn is unavailable (no package, pre-Hopper GPU) the next one serves.
 CPU_ORDER = ["sdpa", "eager", "flex"]
 DENSE_ORDER = ["sdpa", "cudnn", "xformers", "flex"]
 ALIBI_ORDER = ["cudnn", "flex", "sdpa", "xformers"]
@@ -127,6 +120,7 @@ FEATURES = {
     "packed+alibi": {"packed": True, "alibi": True},
     "gqa": {"gqa": True},
     "window": {"window": True},
+    "compiled": {"packed": True, "compiled": True},
 }
 DEFAULT_DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
 

@@ -5,14 +5,24 @@ Shape suffix legend (used in names across the kernel layer and models):
     K key/value heads        H head dim             D model dim
 A tensor named `q_BTNH` has shape (B, T, N, H). Every backend takes q_BTNH, k_BTKH, v_BTKH and
 returns o_BTNH in q's dtype.
+
+Two things describe a call. The `AttentionSpec` is static: a model builds it once from its
+components (heads, causal, window, ALiBi) and every layer sends the same one. The batch's
+*documents* change per batch: `doc_lens` lists, per row, the lengths of the documents packed end
+to end in that row (host ints; each row sums to T; None = one document per row). A backend turns
+them into its own `Layout` (offsets, a block mask, a dense mask) before the training step, so that
+the step itself holds no host work.
 """
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+DocLens = tuple[tuple[int, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,7 @@ class Cell:
     backward: bool = True  # gradients are needed
     head_dim: int = 64
     dtype: torch.dtype = torch.float32
+    compiled: bool = False  # called inside a torch.compile'd training step
 
     def describe(self) -> str:
         parts = [self.device, "causal" if self.causal else "non-causal"]
@@ -35,81 +46,52 @@ class Cell:
         parts.append("fwd+bwd" if self.backward else "fwd")
         parts.append(f"head_dim={self.head_dim}")
         parts.append(str(self.dtype).replace("torch.", ""))
+        if self.compiled:
+            parts.append("compiled")
         return " ".join(parts)
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True)
 class AttentionSpec:
-    """One batch's attention problem. Built once per forward pass and shared by every layer.
+    """A model's attention problem, the same for every layer and every batch.
 
-    doc_lens: per row, the lengths of the documents packed end to end in that row (host ints; each
-    row sums to T). None means one document per row. Tokens attend only within their document.
     window: a query at i sees keys j with i - window < j <= i (None: unlimited).
-    alibi_slopes: (N,) float32, the bias added to a score is -slope * (i - j).
-    cache: backend-prepared objects for this layout (masks, block masks, offsets), so that the
-    work is done once per batch and not once per layer.
+    alibi: add -slope_n * (i - j) to each score, with the standard slopes `alibi_slopes(n_heads)`.
     """
 
     n_heads: int
     n_kv_heads: int
     head_dim: int
     causal: bool = True
-    doc_lens: tuple[tuple[int, ...], ...] | None = None
-    alibi_slopes: torch.Tensor | None = None
     window: int | None = None
-    cache: dict[str, Any] = field(default_factory=dict)
+    alibi: bool = False
 
     def __post_init__(self) -> None:
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
-            )
+        if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
-
-    @property
-    def packed(self) -> bool:
-        return self.doc_lens is not None and any(len(row) > 1 for row in self.doc_lens)
 
     @property
     def groups(self) -> int:
         return self.n_heads // self.n_kv_heads
 
-    def cell(self, device: str | torch.device, dtype: torch.dtype, backward: bool) -> Cell:
+    def cell(self, device: str | torch.device, dtype: torch.dtype, backward: bool = True,
+             packed: bool = True, compiled: bool = False) -> Cell:
         return Cell(
-            device=torch.device(device).type,
-            causal=self.causal,
-            packed=self.doc_lens is not None,
-            alibi=self.alibi_slopes is not None,
-            gqa=self.n_kv_heads != self.n_heads,
-            window=self.window is not None,
-            backward=backward,
-            head_dim=self.head_dim,
-            dtype=dtype,
+            device=torch.device(device).type, causal=self.causal, packed=packed, alibi=self.alibi,
+            gqa=self.n_kv_heads != self.n_heads, window=self.window is not None, backward=backward,
+            head_dim=self.head_dim, dtype=dtype, compiled=compiled,
         )
 
-    def flat_doc_lens(self, n_rows: int, row_len: int) -> list[int]:
-        """Document lengths over the batch read as one long sequence (rows end on document ends)."""
-        if self.doc_lens is None:
-            return [row_len] * n_rows
-        return [n for row in self.doc_lens for n in row]
-
-    def cached(self, key: str, make):  # noqa: ANN001 - a zero-argument factory
-        if key not in self.cache:
-            self.cache[key] = make()
-        return self.cache[key]
+    def slopes(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        """(N,) float32 ALiBi slopes on `device` (one tensor per device, made once)."""
+        return _slopes_on(self.n_heads, str(torch.device(device)))
 
 
-def document_ids(spec: AttentionSpec, n_rows: int, row_len: int, device: torch.device) -> torch.Tensor:
-    """(B, T) int32 index of each token's document within its row."""
-    if spec.doc_lens is None:
-        return torch.zeros(n_rows, row_len, dtype=torch.int32, device=device)
-    rows = []
-    for lens in spec.doc_lens:
-        if sum(lens) != row_len:
-            raise ValueError(f"document lengths {lens} do not sum to the row length {row_len}")
-        rows.append(torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens)))
-    return torch.stack(rows).to(device=device, dtype=torch.int32, non_blocking=True)
+@functools.lru_cache(maxsize=None)
+def _slopes_on(n_heads: int, device: str) -> torch.Tensor:
+    return alibi_slopes(n_heads).to(device)
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -127,8 +109,59 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def allowed_mask(spec: AttentionSpec, n_rows: int, row_len: int, device: torch.device) -> torch.Tensor:
-    """(B, 1, T, T) bool: True where query i may attend to key j (causal, document, window)."""
+# ---- documents: host-side facts about a batch's layout
+
+
+def is_packed(doc_lens: DocLens | None) -> bool:
+    """Whether some row holds more than one document."""
+    return doc_lens is not None and any(len(row) > 1 for row in doc_lens)
+
+
+def check_doc_lens(doc_lens: DocLens, n_rows: int, row_len: int) -> None:
+    if len(doc_lens) != n_rows:
+        raise ValueError(f"doc_lens has {len(doc_lens)} rows, the batch has {n_rows}")
+    for lens in doc_lens:
+        if sum(lens) != row_len or min(lens) < 1:
+            raise ValueError(f"document lengths {lens} must be >= 1 and sum to the row length {row_len}")
+
+
+def document_ids(doc_lens: DocLens | None, n_rows: int, row_len: int) -> np.ndarray:
+    """(B, T) int32 index of each token's document within its row."""
+    if doc_lens is None:
+        return np.zeros((n_rows, row_len), dtype=np.int32)
+    check_doc_lens(doc_lens, n_rows, row_len)
+    return np.stack([np.repeat(np.arange(len(lens), dtype=np.int32), lens) for lens in doc_lens])
+
+
+def flat_doc_lens(doc_lens: DocLens | None, n_rows: int, row_len: int) -> list[int]:
+    """Document lengths over the batch read as one long sequence (rows end on document ends)."""
+    if doc_lens is None:
+        return [row_len] * n_rows
+    return [n for row in doc_lens for n in row]
+
+
+def attended_keys(n: int, window: int | None, causal: bool = True) -> int:
+    """(query, key) pairs a document of n tokens attends: n(n+1)/2 causal, fewer under a window."""
+    if not causal:
+        w = n if window is None else min(window, n)
+        return n * n if w >= n else n * (2 * w - 1) - w * (w - 1)
+    if window is None or window >= n:
+        return n * (n + 1) // 2
+    return window * (window + 1) // 2 + (n - window) * window
+
+
+def attended_pairs(spec: AttentionSpec, doc_lens: DocLens | None, n_rows: int, row_len: int) -> int:
+    """Unmasked (query, key) pairs of a batch: the work an attention kernel that skips masked
+    tiles really has to do (the FLOP count of benchmarks and MFU is built on it)."""
+    return sum(attended_keys(n, spec.window, spec.causal) for n in flat_doc_lens(doc_lens, n_rows, row_len))
+
+
+# ---- reference masks, on any device
+
+
+def allowed_mask(spec: AttentionSpec, doc_BT: torch.Tensor | None, row_len: int,
+                 device: torch.device | str) -> torch.Tensor:
+    """(B|1, 1, T, T) bool: True where query i may attend to key j (causal, document, window)."""
     i = torch.arange(row_len, device=device)
     rel = i[:, None] - i[None, :]  # i - j
     ok = torch.ones(row_len, row_len, dtype=torch.bool, device=device)
@@ -136,10 +169,9 @@ def allowed_mask(spec: AttentionSpec, n_rows: int, row_len: int, device: torch.d
         ok &= rel >= 0
     if spec.window is not None:
         ok &= rel < spec.window if spec.causal else rel.abs() < spec.window
-    ok = ok.expand(n_rows, row_len, row_len)
-    if spec.packed:  # otherwise every row is one document
-        doc = document_ids(spec, n_rows, row_len, device)
-        ok = ok & (doc[:, :, None] == doc[:, None, :])
+    ok = ok[None]
+    if doc_BT is not None:
+        ok = ok & (doc_BT[:, :, None] == doc_BT[:, None, :])
     return ok[:, None]
 
 

@@ -1,6 +1,7 @@
 """xformers.ops.memory_efficient_attention (FA2 / cutlass kernels), CUDA only.
 
-Masks are xformers bias classes, built once per batch through `spec.cached`:
+Masks are xformers bias classes; a packed batch's block-diagonal bias is built once per batch, when its
+layout reaches the device (`XformersLayout`):
     dense causal          LowerTriangularMask on (B, T, N, H)
     packed rows           BlockDiagonalCausalMask.from_seqlens(all documents of the batch) on the
                           batch flattened to one row (1, B*T, N, H); rows end on document ends
@@ -11,7 +12,8 @@ Masks are xformers bias classes, built once per batch through `spec.cached`:
                           are padded to a multiple of 8 (xformers' alignment rule); forward only
 Refused, with the reason: ALiBi with backward (LowerTriangularMaskWithTensorBias has no backward
 op), ALiBi on packed rows (no bias class combines block-diagonal with a tensor bias), windowed
-non-causal attention (the two-sided local mask has no fp32 backward op), and every CPU cell.
+non-causal attention (the two-sided local mask has no fp32 backward op), every CPU cell, and compiled
+training steps (the biases hold host-side sequence lists that torch.compile cannot trace).
 
 GQA/MQA: forward-only calls use xformers' 5-D BMGHK layout, K/V expanded with stride 0 (no copy).
 BMGHK has no backward op (xformers documents it as forward-only), and in the 4-D BMHK layout a
@@ -26,12 +28,13 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 
-from ablate.kernels.base import BACKENDS, Backend
-from ablate.kernels.spec import AttentionSpec, Cell, alibi_bias
+from ablate.kernels.base import BACKENDS, Backend, Layout
+from ablate.kernels.spec import AttentionSpec, Cell, DocLens, alibi_bias, check_doc_lens, flat_doc_lens, is_packed
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -63,25 +66,48 @@ def aligned_alibi(spec: AttentionSpec, n_rows: int, row_len: int, dtype: torch.d
     """(B, N, T, T) ALiBi bias as a view of a buffer whose last dim is padded to a multiple of 8."""
     padded = -(-row_len // 8) * 8
     buf = torch.zeros(1, spec.n_heads, row_len, padded, dtype=dtype, device=device)
-    buf[..., :row_len] = alibi_bias(spec.alibi_slopes.to(device), row_len, causal=True)
+    buf[..., :row_len] = alibi_bias(spec.slopes(device), row_len, causal=True)
     return buf[..., :row_len].expand(n_rows, -1, -1, -1)
 
 
-def attn_bias_for(xf: SimpleNamespace, spec: AttentionSpec, n_rows: int, row_len: int,
-                  dtype: torch.dtype, device: torch.device):
-    """(bias, flat): the xformers bias for this batch, and whether rows are flattened to one."""
-    if spec.alibi_slopes is not None:
-        bias = aligned_alibi(spec, n_rows, row_len, dtype, device)
-        return xf.bias.LowerTriangularMaskWithTensorBias(bias), False
-    if not spec.packed and spec.window is None:
-        return (xf.bias.LowerTriangularMask() if spec.causal else None), False
-    lens = spec.flat_doc_lens(n_rows, row_len)
+@dataclass
+class XformersLayout(Layout):
+    """A batch's documents as xformers' block-diagonal bias (made on the device by `finish`)."""
+
+    doc_lens: DocLens
+    spec: AttentionSpec
+    bias: object = None
+
+    def finish(self, device: torch.device) -> "XformersLayout":
+        xf = import_xformers()
+        n_rows, row_len = len(self.doc_lens), sum(self.doc_lens[0])
+        self.bias = block_diagonal(xf, self.spec, flat_doc_lens(self.doc_lens, n_rows, row_len), device)
+        return self
+
+
+def block_diagonal(xf: SimpleNamespace, spec: AttentionSpec, lens: list[int], device: torch.device):  # noqa: ANN201
+    """The bias for documents `lens` laid end to end in one row (causal, windowed, or neither)."""
     if not spec.causal:  # packed, non-causal, no window (windowed non-causal is refused)
-        return xf.bias.BlockDiagonalMask.from_seqlens(lens, device=device), True
+        return xf.bias.BlockDiagonalMask.from_seqlens(lens, device=device)
     bias = xf.bias.BlockDiagonalCausalMask.from_seqlens(lens, device=device)
-    if spec.window is not None:
-        bias = bias.make_local_attention(spec.window)
-    return bias, True
+    return bias if spec.window is None else bias.make_local_attention(spec.window)
+
+
+def attn_bias_for(xf: SimpleNamespace, spec: AttentionSpec, layout: XformersLayout | None, n_rows: int,
+                  row_len: int, dtype: torch.dtype, device: torch.device):  # noqa: ANN201
+    """(bias, flat): the xformers bias for this batch, and whether rows are flattened to one."""
+    if layout is not None:
+        return layout.bias, True
+    if spec.alibi:
+        return xf.bias.LowerTriangularMaskWithTensorBias(aligned_alibi(spec, n_rows, row_len, dtype, device)), False
+    if spec.window is None:
+        return (xf.bias.LowerTriangularMask() if spec.causal else None), False
+    return _dense_rows_bias(spec, n_rows, row_len, str(device)), True
+
+
+@functools.lru_cache(maxsize=16)
+def _dense_rows_bias(spec: AttentionSpec, n_rows: int, row_len: int, device: str):  # noqa: ANN202
+    return block_diagonal(import_xformers(), spec, [row_len] * n_rows, torch.device(device))
 
 
 def group_heads(q_BTNH, k_BTKH, v_BTKH, groups: int, needs_grad: bool, has_tensor_bias: bool):
@@ -125,6 +151,9 @@ class XformersBackend(Backend):
             return "xformers' LowerTriangularMaskWithTensorBias (causal + ALiBi) has no backward op"
         if cell.window and not cell.causal:
             return "xformers' two-sided local mask has no fp32 backward op; only causal windows"
+        if cell.compiled:
+            return ("xformers' attention biases carry host-side Python state (sequence start lists) that "
+                    "torch.compile cannot trace; use train.compile=false with xformers, or backend=cudnn, flex or sdpa")
         return None
 
     def caveat(self, cell: Cell) -> str | None:
@@ -134,18 +163,20 @@ class XformersBackend(Backend):
             return "ALiBi bias is a dense (B, N, T, T) tensor"
         return None
 
-    def attend(self, q_BTNH, k_BTKH, v_BTKH, spec: AttentionSpec) -> torch.Tensor:
+    def prepare(self, spec, doc_lens, n_rows, row_len):  # noqa: ANN001, ANN201
+        if not is_packed(doc_lens):
+            return None
+        check_doc_lens(doc_lens, n_rows, row_len)
+        return XformersLayout(doc_lens, spec)
+
+    def attend(self, q_BTNH, k_BTKH, v_BTKH, spec: AttentionSpec, layout: XformersLayout | None = None) -> torch.Tensor:
         xf = import_xformers()
         B, T, N, H = q_BTNH.shape
-        dtype, device = q_BTNH.dtype, q_BTNH.device
-        bias, flat = spec.cached(
-            f"xformers.bias.{B}x{T}.{dtype}.{device}",
-            lambda: attn_bias_for(xf, spec, B, T, dtype, device),
-        )
+        bias, flat = attn_bias_for(xf, spec, layout, B, T, q_BTNH.dtype, q_BTNH.device)
         q, k, v = q_BTNH, k_BTKH, v_BTKH
         if flat:  # before grouping, so that an expanded K/V is never reshaped (which would copy)
             q, k, v = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v))
         if spec.groups > 1:
             needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-            q, k, v = group_heads(q, k, v, spec.groups, needs_grad, spec.alibi_slopes is not None)
+            q, k, v = group_heads(q, k, v, spec.groups, needs_grad, spec.alibi)
         return xf.attention(q, k, v, attn_bias=bias).reshape(B, T, N, H)

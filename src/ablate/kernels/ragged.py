@@ -1,0 +1,220 @@
+"""Packed documents as one ragged buffer, and one opaque attention op over it.
+
+A batch of B rows of T tokens, whose rows end on document ends, is read as one buffer of B*T
+tokens tiled by its documents. `RaggedLayout` holds, per document, its length and its start as
+element offsets into q/o and k/v (device tensors), plus the starts on the host: a kernel picks its
+compiled graph from host data alone, so nothing waits on the device. The document count is
+rounded up to a bucket (zero-length documents pad it), and marked dynamic for torch.compile, so a
+new batch neither rebuilds a kernel graph nor recompiles the training step.
+
+`ragged_attention` is a custom op (`ablate::ragged_attention`) with a fake implementation and a
+backward op, so torch.compile keeps it opaque and traces around it. On CUDA it runs cuDNN's fused
+ragged SDPA (`ablate.kernels.cudnn_graphs`); on CPU a float32 reference with the same outputs, so
+that the op's wiring (compile, autograd, layouts) is tested anywhere.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ablate.kernels.base import Layout
+from ablate.kernels.spec import AttentionSpec, DocLens, alibi_slopes, check_doc_lens, flat_doc_lens
+
+
+def doc_bucket(n_docs: int) -> int:
+    """The static document count a batch of `n_docs` documents runs under."""
+    if n_docs <= 16:
+        return 1 << max(0, math.ceil(math.log2(max(n_docs, 1))))
+    return -(-n_docs // 16) * 16
+
+
+def seq_bucket(longest: int, row_len: int) -> int:
+    """The max document length S a batch runs under: the longest rounded up to a power of two
+    (>= 64, <= T). Declaring S = T instead costs cuDNN's backward about 1.6x on long rows of short
+    documents, as its grid spans S."""
+    return min(row_len, 1 << max(6, math.ceil(math.log2(max(longest, 1)))))
+
+
+@dataclass
+class RaggedLayout(Layout):
+    seq_len: torch.Tensor  # (docs,) int32, zero-length documents pad to the bucket
+    q_off: torch.Tensor  # (docs + 1,) offsets of each document's first element in q / o
+    kv_off: torch.Tensor  # (docs + 1,) the same in k / v
+    host_starts: torch.Tensor  # (docs + 1,) int64 on the host: document starts, in tokens
+
+    def finish(self, device: torch.device) -> "RaggedLayout":
+        for t in (self.seq_len, self.q_off, self.kv_off, self.host_starts):
+            torch._dynamo.maybe_mark_dynamic(t, 0)  # the document count varies by batch
+        return self
+
+
+def prepare_ragged(spec: AttentionSpec, doc_lens: DocLens | None, n_rows: int, row_len: int,
+                   offset_dtype: torch.dtype = torch.int64) -> RaggedLayout:
+    if doc_lens is not None:
+        check_doc_lens(doc_lens, n_rows, row_len)
+    lens = flat_doc_lens(doc_lens, n_rows, row_len)
+    lens = np.array(lens + [0] * (doc_bucket(len(lens)) - len(lens)), dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lens)])
+    as_tensor = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)  # noqa: E731
+    return RaggedLayout(
+        seq_len=as_tensor(lens, torch.int32),
+        q_off=as_tensor(starts * spec.n_heads * spec.head_dim, offset_dtype),
+        kv_off=as_tensor(starts * spec.n_kv_heads * spec.head_dim, offset_dtype),
+        host_starts=torch.from_numpy(starts),
+    )
+
+
+def _stats_seq(host_starts: torch.Tensor, row_len: int) -> int:
+    return seq_bucket(int(host_starts.diff().max()), row_len)
+
+
+@torch.library.custom_op("ablate::ragged_attention", mutates_args=())
+def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: torch.Tensor, q_off: torch.Tensor,
+                     kv_off: torch.Tensor, host_starts: torch.Tensor, causal: bool,
+                     alibi: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q_BTNH, k_BTKH, v_BTKH over the documents of the layout -> (o_BTNH, float32 softmax stats
+    packed at the start of a (docs * N * T,) buffer)."""
+    if q.is_cuda:
+        return _cudnn_forward(q, k, v, seq_len, q_off, kv_off, host_starts, causal, alibi)
+    return _reference_forward(q, k, v, host_starts, causal, alibi)
+
+
+@ragged_attention.register_fake
+def _(q, k, v, seq_len, q_off, kv_off, host_starts, causal, alibi):  # noqa: ANN001, ANN202
+    B, T, N, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        q.new_empty(seq_len.shape[0] * N * T, dtype=torch.float32)
+
+
+@torch.library.custom_op("ablate::ragged_attention_backward", mutates_args=())
+def ragged_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                              stats: torch.Tensor, seq_len: torch.Tensor, q_off: torch.Tensor, kv_off: torch.Tensor,
+                              host_starts: torch.Tensor, causal: bool,
+                              alibi: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if q.is_cuda:
+        return _cudnn_backward(do, q, k, v, o, stats, seq_len, q_off, kv_off, host_starts, causal, alibi)
+    return _reference_backward(do, q, k, v, host_starts, causal, alibi)
+
+
+@ragged_attention_backward.register_fake
+def _(do, q, k, v, o, stats, seq_len, q_off, kv_off, host_starts, causal, alibi):  # noqa: ANN001, ANN202
+    like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    return like(q), like(k), like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    q, k, v, seq_len, q_off, kv_off, host_starts, causal, alibi = inputs
+    o, stats = output
+    ctx.save_for_backward(q, k, v, o, stats, seq_len, q_off, kv_off, host_starts)
+    ctx.flags = (causal, alibi)
+
+
+def _backward(ctx, do, dstats):  # noqa: ANN001, ANN202
+    dq, dk, dv = ragged_attention_backward(do, *ctx.saved_tensors, *ctx.flags)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+ragged_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- CUDA: cuDNN
+
+
+def _graph_shape(q: torch.Tensor, k: torch.Tensor, seq_len: torch.Tensor, host_starts: torch.Tensor,
+                 causal: bool, alibi: bool):  # noqa: ANN202
+    from ablate.kernels.cudnn_graphs import GraphShape
+
+    B, T, N, H = q.shape
+    return GraphShape(device=q.device.index if q.device.index is not None else torch.cuda.current_device(),
+                      docs=seq_len.shape[0], seq=_stats_seq(host_starts, T), n_heads=N, n_kv_heads=k.shape[2],
+                      head_dim=H, dtype=q.dtype, causal=causal, alibi=alibi, total=B * T)
+
+
+def _layout_data(seq_len, q_off, kv_off) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    return {"seq_q": seq_len, "seq_kv": seq_len, "q_off": q_off, "o_off": q_off, "k_off": kv_off, "v_off": kv_off}
+
+
+def _cudnn_forward(q, k, v, seq_len, q_off, kv_off, host_starts, causal, alibi):  # noqa: ANN001, ANN202
+    from ablate.kernels.cudnn_graphs import execute
+
+    s = _graph_shape(q, k, seq_len, host_starts, causal, alibi)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o = torch.empty_like(q)
+    stats = torch.empty(s.docs * s.n_heads * q.shape[1], dtype=torch.float32, device=q.device)
+    execute("fwd", s, {**_layout_data(seq_len, q_off, kv_off), "q": q, "k": k, "v": v, "o": o, "stats": stats},
+            q.device)
+    return o, stats
+
+
+def _cudnn_backward(do, q, k, v, o, stats, seq_len, q_off, kv_off, host_starts, causal, alibi):  # noqa: ANN001, ANN202
+    from ablate.kernels.cudnn_graphs import execute
+
+    s = _graph_shape(q, k, seq_len, host_starts, causal, alibi)
+    q, k, v, o, do = (t.contiguous() for t in (q, k, v, o, do))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    execute("bwd", s, {**_layout_data(seq_len, q_off, kv_off), "q": q, "k": k, "v": v, "o": o, "dO": do,
+                       "stats": stats, "dq": dq, "dk": dk, "dv": dv}, q.device)
+    return dq, dk, dv
+
+
+# ---- CPU: the float32 reference, document by document
+
+
+def _documents(host_starts: torch.Tensor):  # noqa: ANN202
+    starts = host_starts.tolist()
+    return [(a, b) for a, b in zip(starts, starts[1:]) if b > a]
+
+
+def _probs(q_LNH, k_NLH, causal: bool, alibi: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities (N, L, L) and log-sum-exp (N, L) of one document, in float32."""
+    L, N, H = q_LNH.shape
+    scores = q_LNH.float().transpose(0, 1) @ k_NLH.transpose(1, 2) * H**-0.5
+    i = torch.arange(L)
+    dist = (i[:, None] - i[None, :]).float()
+    if alibi:
+        scores = scores - alibi_slopes(N)[:, None, None] * (dist if causal else dist.abs())
+    if causal:
+        scores = scores.masked_fill(dist < 0, float("-inf"))
+    return scores.softmax(-1), scores.logsumexp(-1)
+
+
+def _heads(x_LKH: torch.Tensor, groups: int) -> torch.Tensor:
+    """(L, K, H) -> (N, L, H) float32, each kv head repeated for its query heads."""
+    return x_LKH.float().repeat_interleave(groups, 1).transpose(0, 1)
+
+
+def _reference_forward(q, k, v, host_starts, causal, alibi):  # noqa: ANN001, ANN202
+    B, T, N, H = q.shape
+    groups = N // k.shape[2]
+    qf, kf, vf = (t.reshape(B * T, *t.shape[2:]) for t in (q, k, v))
+    o = torch.zeros(B * T, N, H, dtype=torch.float32)
+    docs, S = host_starts.shape[0] - 1, _stats_seq(host_starts, T)
+    stats = torch.zeros(docs * N * T, dtype=torch.float32)
+    packed = stats[: docs * N * S].view(docs, N, S)
+    for d, (a, b) in enumerate(_documents(host_starts)):
+        p, packed[d, :, : b - a] = _probs(qf[a:b], _heads(kf[a:b], groups), causal, alibi)
+        o[a:b] = (p @ _heads(vf[a:b], groups)).transpose(0, 1)
+    return o.to(q.dtype).view(B, T, N, H), stats
+
+
+def _reference_backward(do, q, k, v, host_starts, causal, alibi):  # noqa: ANN001, ANN202
+    """Softmax attention's gradients, written out: dV = P^T dO, dS = P (dP - rowsum(dP P)),
+    dQ = dS K / sqrt(H), dK = dS^T Q / sqrt(H); K/V gradients summed over each kv head's group."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    flat = lambda t: t.reshape(B * T, *t.shape[2:])  # noqa: E731
+    qf, kf, vf, dof = flat(q), flat(k), flat(v), flat(do)
+    dq, dk, dv = (torch.zeros(B * T, n, H, dtype=torch.float32) for n in (N, K, K))
+    for a, b in _documents(host_starts):
+        k_NLH, v_NLH = _heads(kf[a:b], N // K), _heads(vf[a:b], N // K)
+        p, _ = _probs(qf[a:b], k_NLH, causal, alibi)
+        do_NLH = dof[a:b].float().transpose(0, 1)
+        dp = do_NLH @ v_NLH.transpose(1, 2)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * H**-0.5
+        dq[a:b] = (ds @ k_NLH).transpose(0, 1)
+        dk[a:b] = (ds.transpose(1, 2) @ qf[a:b].float().transpose(0, 1)).view(K, N // K, b - a, H).sum(1).transpose(0, 1)
+        dv[a:b] = (p.transpose(1, 2) @ do_NLH).view(K, N // K, b - a, H).sum(1).transpose(0, 1)
+    return tuple(g.to(t.dtype).view(t.shape) for g, t in zip((dq, dk, dv), (q, k, v)))
