@@ -13,7 +13,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from ablate.config import register_configs  # noqa: E402
 
-register_configs(ROOT / "experiments")
+register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -1,101 +1,160 @@
-"""Typed configuration: one dataclass per config group, registered in Hydra's ConfigStore.
+"""Typed configuration: one schema per config group option, registered in Hydra's ConfigStore.
 
-An unknown key or a wrong type fails when Hydra composes the config, naming the key. Checks that need
-more than one key (divisibility, registered names, sizes) live in `ablate.validate`.
+Values live in the YAML files of `conf/` (every default is visible there); the dataclasses here
+give their types and allowed ranges. An option's schema holds only the keys that option uses, so
+a key set for an option that does not use it (`attention=mha attention.n_kv_heads=2`) is refused
+when the config is composed, as is an unknown key or a wrong type. Numeric ranges are declared
+next to each field (`num(ge=1)`) and checked by `range_problems` before any data is read.
+
+The config groups ship inside the package (`ablate.conf`, `ablate.experiments`; in a checkout
+they are the top-level `conf/` and `experiments/` folders), so `compose()` works from an
+installed wheel as well as from a checkout.
 """
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+def num(gt: float | None = None, ge: float | None = None, lt: float | None = None, le: float | None = None) -> Any:
+    """A numeric field whose value (from YAML) must lie in the given range."""
+    return field(default=MISSING, metadata={"range": (gt, ge, lt, le)})
+
+
+def describe_range(gt, ge, lt, le) -> str:  # noqa: ANN001
+    low = f"> {gt}" if gt is not None else f">= {ge}" if ge is not None else ""
+    high = f"< {lt}" if lt is not None else f"<= {le}" if le is not None else ""
+    return " and ".join(p for p in (low, high) if p) or "finite"
+
+
+# ---- model components
 
 
 @dataclass
 class AttentionConfig:
-    name: str = "mha"
-    n_kv_heads: Optional[int] = None  # key/value heads; None = one per query head
-    window: Optional[int] = None  # local attention span in tokens; None = the whole document
+    """mha (a key/value head per query head) and mqa (one shared key/value head)."""
+
+    name: str = MISSING
+    window: Optional[int] = num(ge=1)  # local attention span in tokens; null = the whole document
+
+
+@dataclass
+class GQAConfig(AttentionConfig):
+    n_kv_heads: int = num(ge=1)  # key/value heads; must divide model.n_heads
 
 
 @dataclass
 class PosConfig:
-    name: str = "rope"
-    rope_theta: float = 10000.0
-    max_positions: Optional[int] = None  # learned: table size; None = model.context
+    name: str = MISSING
+
+
+@dataclass
+class RopeConfig(PosConfig):
+    rope_theta: float = num(gt=0)
+
+
+@dataclass
+class LearnedPosConfig(PosConfig):
+    max_positions: Optional[int] = num(ge=1)  # table size; null = model.context
 
 
 @dataclass
 class MLPConfig:
-    name: str = "swiglu"
-    expansion: float = 4.0  # hidden width of the plain MLP, in model widths; GLUs keep its parameter count
-    multiple_of: int = 8
+    name: str = MISSING
+    expansion: float = num(gt=0)  # hidden width of the plain MLP, in model widths; GLUs keep its parameter count
+    multiple_of: int = num(ge=1)
 
 
 @dataclass
 class NormConfig:
-    name: str = "rmsnorm"
-    eps: float = 1e-5
+    name: str = MISSING
+    eps: float = num(gt=0)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"
-    n_layers: int = 2
-    n_heads: int = 4
-    d_model: int = 128
-    context: int = 256
-    init_std: float = 0.02
-    tie_embeddings: bool = True
+    name: str = MISSING
+    n_layers: int = num(ge=1)
+    n_heads: int = num(ge=1)
+    d_model: int = num(ge=1)
+    context: int = num(ge=2)  # a row of one token has no target
+    init_std: float = num(gt=0)
+    tie_embeddings: bool = MISSING
+
+
+# ---- data
 
 
 @dataclass
 class DataConfig:
-    name: str = "shakespeare"
-    paths: list[str] = field(default_factory=list)  # text: files or folders
-    glob: str = "*.txt"  # text: files taken from folders
-    doc_separator: Optional[str] = None  # text: split files into documents on this string
-    path: Optional[str] = None  # tokens: folder of *train*.bin / *val*.bin shards
-    eot_id: int = 50256  # tokens: the end-of-text id between documents
-    vocab_size: Optional[int] = None  # tokens: the tokenizer's vocabulary size
-    val_per_mille: int = 50  # share of documents held out for validation, per thousand
-    max_val_batches: int = 8
+    """The Shakespeare plays (one document per scene)."""
+
+    name: str = MISSING
+    val_per_mille: int = num(ge=1, le=999)  # share of documents held out for validation, per thousand
+    max_val_batches: Optional[int] = num(ge=1)  # null: every validation document
+
+
+@dataclass
+class TextDataConfig(DataConfig):
+    paths: list[str] = MISSING  # files or folders
+    glob: str = MISSING  # files taken from folders
+    doc_separator: Optional[str] = MISSING  # split files into documents on this string
+    encoding: str = MISSING
+    errors: str = MISSING  # strict: refuse bytes that are not `encoding`; replace: accept them as U+FFFD
+
+
+@dataclass
+class TokensDataConfig(DataConfig):
+    path: Optional[str] = MISSING  # folder of *train*.bin / *val*.bin shards
+    eot_id: int = num(ge=0)  # the end-of-text id between documents
+    vocab_size: Optional[int] = num(ge=1)  # the tokenizer's vocabulary size; null: the largest id + 1
+
+
+# ---- the run
 
 
 @dataclass
 class BackendConfig:
-    name: str = "auto"
+    name: str = MISSING
 
 
 @dataclass
 class TrainConfig:
-    name: str = "default"
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    log_every: int = 10
-    checkpoint_every: int = 0  # 0: no checkpoints
-    compile: bool = False
-    progress: bool = True
-    parallel: str = "ddp"  # under torchrun: ddp (replicated model) | fsdp (sharded, FSDP2); one process: unused
+    name: str = MISSING
+    steps: int = num(ge=1)
+    batch_size: int = num(ge=1)
+    lr: float = num(gt=0)
+    min_lr_ratio: float = num(ge=0, le=1)
+    warmup_steps: int = num(ge=0)
+    weight_decay: float = num(ge=0)
+    beta1: float = num(ge=0, lt=1)
+    beta2: float = num(ge=0, lt=1)
+    grad_clip: float = num(ge=0)  # 0: no clipping
+    eval_every: int = num(ge=1)
+    log_every: int = num(ge=1)
+    checkpoint_every: int = num(ge=0)  # 0: no checkpoints
+    compile: Optional[bool] = MISSING  # null: on for CUDA runs, off on CPU
+    progress: bool = MISSING
+    parallel: str = MISSING  # under torchrun: ddp (replicated model) | fsdp (sharded, FSDP2)
 
 
 @dataclass
 class TrackingConfig:
-    name: str = "mlflow"
-    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<root>/outputs/mlflow.db
-    experiment: str = "ablate"
-    run_name: Optional[str] = None
+    name: str = MISSING
+
+
+@dataclass
+class MlflowTrackingConfig(TrackingConfig):
+    uri: Optional[str] = MISSING  # null: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
+    experiment: str = MISSING
+    run_name: Optional[str] = MISSING
 
 
 @dataclass
@@ -106,40 +165,76 @@ class ClusterConfig:
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
-    nodes: int = 1
-    gpus_per_node: int = 1  # one task per GPU: a job of several GPUs trains data-parallel
-    cpus_per_gpu: int = 8
-    mem_gb: Optional[int] = None  # per node; None: the partition's default
-    timeout_min: int = 240
-    requeues: int = 0  # resubmissions after hitting timeout_min; resumes when train.checkpoint_every > 0
-    max_parallel_jobs: int = 64
+    nodes: int = num(ge=1)
+    gpus_per_node: int = num(ge=1)  # one task per GPU: a job of several GPUs trains data-parallel
+    cpus_per_gpu: int = num(ge=1)
+    mem_gb: Optional[int] = num(ge=1)  # per node; null: the partition's default
+    timeout_min: int = num(ge=1)
+    requeues: int = num(ge=0)  # resubmissions after hitting timeout_min; resumes when train.checkpoint_every > 0
+    max_parallel_jobs: int = num(ge=1)
     setup: list[str] = field(default_factory=list)  # e.g. ["source .venv/bin/activate"]
 
 
 @dataclass
 class PathsConfig:
-    root_dir: str = "."
-    output_dir: str = "outputs"
+    root_dir: str = MISSING
+    output_dir: str = MISSING
 
 
 @dataclass
 class Config:
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    pos: PosConfig = field(default_factory=PosConfig)
-    mlp: MLPConfig = field(default_factory=MLPConfig)
-    norm: NormConfig = field(default_factory=NormConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    backend: BackendConfig = field(default_factory=BackendConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    device_pool: list[int] = field(default_factory=list)  # GPUs a sweep's jobs share, one job per GPU
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
-    deterministic: bool = True  # bit-identical CPU runs (CUDA attention backwards are not deterministic)
+    attention: Any = MISSING
+    pos: Any = MISSING
+    mlp: MLPConfig = MISSING
+    norm: NormConfig = MISSING
+    model: ModelConfig = MISSING
+    data: Any = MISSING
+    backend: BackendConfig = MISSING
+    train: TrainConfig = MISSING
+    tracking: Any = MISSING
+    paths: PathsConfig = MISSING
+    cluster: ClusterConfig = MISSING
+    device_pool: list[int] = MISSING  # GPUs a sweep's jobs share, one job per GPU
+    seed: int = num(ge=0)
+    device: str = MISSING  # auto | cpu | cuda
+    precision: str = MISSING  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    deterministic: bool = MISSING  # bit-identical CPU runs (CUDA attention backwards are not deterministic)
+
+
+# the schema of each group option (the option's YAML names it first in its defaults list)
+OPTION_SCHEMAS = {
+    "attention": {"schema": AttentionConfig, "schema_gqa": GQAConfig},
+    "pos": {"schema": PosConfig, "schema_rope": RopeConfig, "schema_learned": LearnedPosConfig},
+    "data": {"schema": DataConfig, "schema_text": TextDataConfig, "schema_tokens": TokensDataConfig},
+    "tracking": {"schema": TrackingConfig, "schema_mlflow": MlflowTrackingConfig},
+}
+
+
+def range_problems(cfg: DictConfig) -> list[str]:
+    """Every numeric value outside the range its schema declares (or not finite), as
+    'key=value must be <range>'."""
+    problems: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+        if schema is None or not is_dataclass(schema):
+            return
+        for f in fields(schema):
+            value = node.get(f.name)
+            key = f"{prefix}{f.name}"
+            if isinstance(value, DictConfig):
+                walk(value, key + ".")
+            elif "range" in f.metadata and isinstance(value, (int, float)) and not isinstance(value, bool):
+                gt, ge, lt, le = f.metadata["range"]
+                allowed = describe_range(gt, ge, lt, le)
+                if not math.isfinite(value):
+                    problems.append(f"{key}={value} must be a finite number {allowed}")
+                elif (gt is not None and value <= gt) or (ge is not None and value < ge) or \
+                        (lt is not None and value >= lt) or (le is not None and value > le):
+                    problems.append(f"{key}={value} must be {allowed}")
+
+    walk(cfg, "")
+    return problems
 
 
 def visible_gpus() -> list[int]:
@@ -164,20 +259,37 @@ def register_resolvers() -> None:
 register_resolvers()  # at import: a launcher's worker process composes the config without run.py
 
 
-def register_configs(experiments_dir: Path | None = None) -> None:
-    """Register the schema, and the named ablations of `experiments/` as the `experiment` group."""
+def config_dir() -> Path:
+    """The config groups: `ablate.conf` (the checkout's `conf/`, or the installed package's)."""
+    return Path(str(resources.files("ablate.conf")))
+
+
+def experiments_dir() -> Path:
+    """The named ablations: `ablate.experiments` (the checkout's `experiments/`)."""
+    return Path(str(resources.files("ablate.experiments")))
+
+
+def register_configs() -> None:
+    """Register the schemas, and the named ablations of `experiments/` as the `experiment` group."""
     cs = ConfigStore.instance()
     cs.store(name="ablate_schema", node=Config)
-    if experiments_dir is not None and experiments_dir.is_dir():
-        for path in sorted(experiments_dir.glob("*.yaml")):
-            node: Any = OmegaConf.load(path)
-            cs.store(group="experiment", name=path.stem, node=node, package="_global_")
+    for group, schemas in OPTION_SCHEMAS.items():
+        for name, node in schemas.items():
+            cs.store(group=group, name=name, node=node)
+    folder = experiments_dir()
+    for path in sorted(folder.glob("*.yaml")):
+        node: Any = OmegaConf.load(path)
+        cs.store(group="experiment", name=path.stem, node=node, package="_global_")
 
 
 def project_root() -> Path:
-    """The checkout holding conf/ and experiments/ ($ABLATE_ROOT, else the tree this package sits in)."""
+    """Where runs write by default: $ABLATE_ROOT, else the checkout this package sits in, else the
+    current folder (an installed package)."""
     env = os.environ.get("ABLATE_ROOT")
-    return Path(env).resolve() if env else Path(__file__).resolve().parents[2]
+    if env:
+        return Path(env).resolve()
+    checkout = Path(__file__).resolve().parents[2]
+    return checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
 
 
 def compose(overrides: list[str] | tuple[str, ...] = (), return_hydra_config: bool = False) -> DictConfig:
@@ -186,8 +298,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), return_hydra_config: bo
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    root = project_root()
-    os.environ.setdefault("ABLATE_ROOT", str(root))
-    register_configs(root / "experiments")
-    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+    os.environ.setdefault("ABLATE_ROOT", str(project_root()))
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)

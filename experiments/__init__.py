@@ -1,0 +1,1 @@
+"""Named ablations (python run.py -m +experiment=NAME), shipped with the package."""
