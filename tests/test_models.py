@@ -29,19 +29,48 @@ def test_gqa_and_mqa_shrink_only_the_kv_projection():
 @pytest.mark.parametrize("d_model", [128, 256, 384, 512, 768, 1024])
 @pytest.mark.parametrize("glu", ["swiglu", "geglu"])
 def test_glu_mlps_match_the_gelu_mlp_within_one_percent(d_model, glu):
-    from ablate.config import MLPConfig
     from ablate.models import MLPS
 
     def n(name):
-        return sum(p.numel() for p in MLPS.build(name, d_model, MLPConfig(name=name)).parameters())
+        cfg = compose([f"mlp={name}", f"model.d_model={d_model}"])
+        return sum(p.numel() for p in MLPS.build(name, cfg).parameters())
 
     assert abs(n(glu) - n("gelu")) / n("gelu") < 0.01
     assert n("relu2") == n("gelu")
 
 
 def test_learned_positions_refuse_a_longer_context():
-    with pytest.raises(ValueError, match="pos.max_positions"):
-        build(["pos=learned", "pos.max_positions=32"])
+    cfg = compose(["pos=learned", "pos.max_positions=32", "model.context=64"])
+    (problem,) = LanguageModel.check(cfg)
+    assert "pos.max_positions" in problem and "model.context" in problem
+
+
+@pytest.mark.parametrize("attention,kv", [("mha", 4), ("gqa", 2), ("mqa", 1)])
+def test_the_attention_spec_is_derived_once_and_sent_by_every_layer(attention, kv):
+    model = build([f"attention={attention}", "pos=alibi", "attention.window=8"])
+    assert model.spec == LanguageModel.spec_for(model_cfg := compose(
+        ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.context=64", f"attention={attention}",
+         "pos=alibi", "attention.window=8"]))
+    assert (model.spec.n_kv_heads, model.spec.alibi, model.spec.window) == (kv, True, 8)
+    assert all(block.attn.spec is model.spec or block.attn.spec == model.spec for block in model.blocks)
+    assert model_cfg.attention.name == attention
+
+
+@pytest.mark.parametrize("attention", ["mha", "mqa"])
+def test_a_kv_head_count_an_option_does_not_use_is_refused(attention):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="n_kv_heads"):
+        compose([f"attention={attention}", "attention.n_kv_heads=2"])
+
+
+def test_tokens_alone_are_enough():
+    model = build(["pos=rope"])
+    tokens = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(model(tokens), model(tokens, torch.arange(16).expand(2, 16)))
+    # doc_lens alone: positions restart at each document
+    packed = model(tokens, doc_lens=((10, 6), (16,)))
+    torch.testing.assert_close(packed[0, 10:], model(tokens[:1, 10:])[0])
 
 
 @pytest.mark.parametrize("pos", POS)

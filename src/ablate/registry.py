@@ -1,4 +1,9 @@
-"""One registry class for every config group: a group option and a registry entry share a name."""
+"""One registry class for every component group: a group option and a registry entry share a name.
+
+Every entry is a `Component`: it builds itself from the run config (`build(cfg)`, one signature
+for every group) and says what it needs of that config (`check(cfg)`), so that validation asks
+the chosen components instead of knowing their rules.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable, Generic, TypeVar
@@ -6,8 +11,21 @@ from typing import Any, Callable, Generic, TypeVar
 T = TypeVar("T")
 
 
+class Component:
+    """A registered building block. `cfg` is always the whole run config."""
+
+    @classmethod
+    def check(cls, cfg: Any) -> list[str]:
+        """Problems with `cfg` for this component, each naming the key to change and the fix."""
+        return []
+
+    @classmethod
+    def build(cls, cfg: Any) -> Any:
+        return cls(cfg)  # type: ignore[call-arg]
+
+
 class Registry(Generic[T]):
-    """Maps names to components. `@REG.register("name")` adds one; `REG.build(name, ...)` makes one."""
+    """Maps names to components. `@REG.register("name")` adds one; `REG.build(name, cfg)` makes one."""
 
     def __init__(self, group: str):
         self.group = group
@@ -30,8 +48,11 @@ class Registry(Generic[T]):
                 f"unknown {self.group} '{name}'; choose one of: {', '.join(self.names())}"
             ) from None
 
-    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        return self.get(name)(*args, **kwargs)  # type: ignore[operator]
+    def build(self, name: str, cfg: Any) -> Any:
+        return self.get(name).build(cfg)  # type: ignore[attr-defined]
+
+    def check(self, name: str, cfg: Any) -> list[str]:
+        return self.get(name).check(cfg)  # type: ignore[attr-defined]
 
     def names(self) -> list[str]:
         return sorted(self._entries)

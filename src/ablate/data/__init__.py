@@ -10,11 +10,10 @@ from typing import Any
 from ablate.data.corpus import CORPORA, Corpus, Document, config_value, split_documents, val_bucket
 from ablate.data.packing import DocSet, PackedBatch, TrainLoader, pack_eval, padding_frac
 from ablate.data.shards import check_vocab, open_shard, write_shard
-from ablate.data.tokenizer import IGNORE_INDEX, TOKENIZERS, ByteTokenizer, PretokenizedTokenizer, Tokenizer
+from ablate.data.tokenizer import IGNORE_INDEX, ByteTokenizer, PretokenizedTokenizer, Tokenizer
 
 __all__ = [
     "CORPORA",
-    "TOKENIZERS",
     "IGNORE_INDEX",
     "ByteTokenizer",
     "Corpus",
@@ -32,6 +31,7 @@ __all__ = [
     "padding_frac",
     "split_documents",
     "val_bucket",
+    "vocab_size_for",
     "write_shard",
 ]
 
@@ -105,3 +105,8 @@ def build_data(data_cfg: Any, context: int, batch_size: int, seed: int, vocab_si
         _batch_size=batch_size,
         _max_val_batches=None if max_val is None else int(max_val),
     )
+
+
+def vocab_size_for(data_cfg: Any) -> int:
+    """The vocabulary of the corpus `data_cfg` names, from its tokenizer (no documents are read)."""
+    return CORPORA.get(config_value(data_cfg, "name", "shakespeare")).from_config(data_cfg).tokenizer(None).vocab_size

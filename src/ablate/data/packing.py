@@ -108,10 +108,12 @@ class _Stream:
         return out, starts
 
 
-def assemble(tokens: np.ndarray, doc_start: np.ndarray, context: int, pad_id: int, tokenizer: Tokenizer) -> PackedBatch:
-    """Cut a token stretch into rows of `context`, padding the last row if the stretch is short."""
+def assemble(tokens: np.ndarray, doc_start: np.ndarray, context: int, pad_id: int, tokenizer: Tokenizer,
+             rows: int | None = None) -> PackedBatch:
+    """Cut a token stretch into rows of `context`, padding the end if the stretch is short (to
+    `rows` rows if given, so that every batch of a set has one shape)."""
     n = tokens.shape[0]
-    rows = max(1, math.ceil(n / context))
+    rows = max(1, math.ceil(n / context), rows or 0)
     n_pad = rows * context - n
     if n_pad:
         tokens = np.concatenate([tokens, np.full(n_pad, pad_id, dtype=np.int64)])
@@ -189,11 +191,6 @@ class TrainLoader:
         """Padding tokens / all tokens over the batches given so far (0 by construction)."""
         return self.pad_seen / max(1, self.tokens_seen + self.pad_seen)
 
-    @property
-    def epoch_progress(self) -> float:
-        """Epochs done, fractional."""
-        return self.epoch + self.cursor / self.docs.n_tokens
-
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n_tokens": self.docs.n_tokens}
 
@@ -210,15 +207,15 @@ class TrainLoader:
 def pack_eval(
     docs: DocSet, context: int, batch_size: int, tokenizer: Tokenizer, max_batches: int | None = None
 ) -> list[PackedBatch]:
-    """Validation batches: documents in corpus order, packed once. The last batch may have fewer
-    rows, and only its last row is padded."""
+    """Validation batches: documents in corpus order, packed once. Every batch has `batch_size`
+    rows (one shape for a compiled model); only the end of the last batch is padding."""
     stream = _Stream(docs, np.arange(docs.n_docs))
     per_batch = batch_size * context
     total = stream.n_tokens if max_batches is None else min(stream.n_tokens, max_batches * per_batch)
     batches = []
     for a in range(0, total, per_batch):
         tok, st = stream.read(a, min(a + per_batch, total))
-        batches.append(assemble(tok, st, context, tokenizer.eos_id, tokenizer))
+        batches.append(assemble(tok, st, context, tokenizer.eos_id, tokenizer, rows=batch_size))
     return batches
 
 

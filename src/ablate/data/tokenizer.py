@@ -9,10 +9,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ablate.registry import Registry
-
-TOKENIZERS: Registry = Registry("tokenizer")
-
 IGNORE_INDEX = -100
 
 
@@ -46,7 +42,6 @@ class Tokenizer:
         return int(self.bytes_per_token[t].sum())
 
 
-@TOKENIZERS.register("bytes")
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes: ids 0..255 are bytes, 256 ends a document; 257 ids in all."""
 
@@ -75,7 +70,6 @@ class ByteTokenizer(Tokenizer):
         return int(np.count_nonzero((t >= 0) & (t < 256)))
 
 
-@TOKENIZERS.register("pretokenized")
 class PretokenizedTokenizer(Tokenizer):
     """Stands for whatever tokenizer made a token shard: knows its vocabulary size and
     end-of-text id, but not the text, so bits per byte is not available."""

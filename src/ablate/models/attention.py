@@ -1,72 +1,84 @@
-"""Self-attention variants. They differ in how many key/value heads they keep; the kernel that
-computes attention is handed in and never branched on."""
+"""Self-attention: one module for MHA, GQA and MQA, which differ only in their key/value head count.
+
+The variant declares that count (`kv_heads`) and its rules (`check`); `spec_for(cfg)` derives the
+`AttentionSpec` every layer sends to the kernel, once, from the variant and the positional scheme
+(whose ALiBi hook is a score bias the kernel adds). The module owns its kernel (`self.kernel`, set
+by the model) and never branches on which one it is.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ablate.kernels.base import Backend
+from ablate.kernels.base import Backend, Layout
 from ablate.kernels.spec import AttentionSpec
-from ablate.models.positions import PositionScheme
-from ablate.registry import Registry
+from ablate.models.positions import POSITIONS, PositionScheme, head_dim
+from ablate.registry import Component, Registry
 
 ATTENTIONS: Registry[type["Attention"]] = Registry("attention")
 
 
-class Attention(nn.Module):
+class Attention(Component, nn.Module):
     """Projects x_BTD to q_BTNH, k_BTKH, v_BTKH, applies the positional rotation, and attends."""
 
-    def __init__(self, d_model: int, n_heads: int, cfg):  # noqa: ANN001
-        super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"model.d_model={d_model} is not a multiple of model.n_heads={n_heads}")
-        self.n_heads = n_heads
-        self.n_kv_heads = self.kv_heads(n_heads, cfg)
-        self.head_dim = d_model // n_heads
-        self.qkv = nn.Linear(d_model, (n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
-        self.out = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
-
-    @staticmethod
-    def kv_heads(n_heads: int, cfg) -> int:  # noqa: ANN001
+    @classmethod
+    def kv_heads(cls, cfg) -> int:  # noqa: ANN001
         raise NotImplementedError
 
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        pos_BT: torch.Tensor,
-        positions: PositionScheme,
-        spec: AttentionSpec,
-        kernel: Backend,
-    ) -> torch.Tensor:
+    @classmethod
+    def spec_for(cls, cfg) -> AttentionSpec:  # noqa: ANN001
+        m = cfg.model
+        return AttentionSpec(n_heads=m.n_heads, n_kv_heads=cls.kv_heads(cfg), head_dim=head_dim(cfg), causal=True,
+                             window=cfg.attention.window, alibi=POSITIONS.get(cfg.pos.name).alibi)
+
+    @classmethod
+    def check(cls, cfg) -> list[str]:  # noqa: ANN001
+        m = cfg.model
+        if m.d_model % m.n_heads:
+            return [f"model.d_model={m.d_model} is not a multiple of model.n_heads={m.n_heads}"]
+        return []
+
+    def __init__(self, cfg):  # noqa: ANN001
+        nn.Module.__init__(self)
+        self.spec = self.spec_for(cfg)
+        N, K, H = self.spec.n_heads, self.spec.n_kv_heads, self.spec.head_dim
+        self.qkv = nn.Linear(cfg.model.d_model, (N + 2 * K) * H, bias=False)
+        self.out = nn.Linear(N * H, cfg.model.d_model, bias=False)
+        self.kernel: Backend | None = None  # set by the model
+
+    def forward(self, x_BTD: torch.Tensor, positions: PositionScheme, rotation, layout: Layout | None) -> torch.Tensor:  # noqa: ANN001
         B, T, _ = x_BTD.shape
-        N, K, H = self.n_heads, self.n_kv_heads, self.head_dim
+        N, K, H = self.spec.n_heads, self.spec.n_kv_heads, self.spec.head_dim
         q, k, v = self.qkv(x_BTD).split([N * H, K * H, K * H], dim=-1)
-        q_BTNH, k_BTKH = positions.rotate(q.view(B, T, N, H), k.view(B, T, K, H), pos_BT)
-        o_BTNH = kernel.attend(q_BTNH, k_BTKH, v.view(B, T, K, H), spec)
+        q_BTNH, k_BTKH = positions.rotate(q.view(B, T, N, H), k.view(B, T, K, H), rotation)
+        o_BTNH = self.kernel.attend(q_BTNH, k_BTKH, v.view(B, T, K, H), self.spec, layout)
         return self.out(o_BTNH.reshape(B, T, N * H))
 
 
 @ATTENTIONS.register("mha")
 class MultiHeadAttention(Attention):
-    @staticmethod
-    def kv_heads(n_heads, cfg):  # noqa: ANN001, ANN205
-        return n_heads
+    @classmethod
+    def kv_heads(cls, cfg) -> int:  # noqa: ANN001
+        return cfg.model.n_heads
 
 
 @ATTENTIONS.register("gqa")
 class GroupedQueryAttention(Attention):
-    @staticmethod
-    def kv_heads(n_heads, cfg):  # noqa: ANN001, ANN205
-        if cfg.n_kv_heads is None or cfg.n_kv_heads < 1 or n_heads % cfg.n_kv_heads:
-            raise ValueError(
-                f"attention=gqa needs attention.n_kv_heads to divide model.n_heads={n_heads}, "
-                f"got {cfg.n_kv_heads}; try attention.n_kv_heads={max(1, n_heads // 4)}"
-            )
-        return cfg.n_kv_heads
+    @classmethod
+    def kv_heads(cls, cfg) -> int:  # noqa: ANN001
+        return cfg.attention.n_kv_heads
+
+    @classmethod
+    def check(cls, cfg) -> list[str]:  # noqa: ANN001
+        heads, kv = cfg.model.n_heads, cfg.attention.n_kv_heads
+        if kv < 1 or heads % kv:
+            return [f"attention.n_kv_heads={kv} must divide model.n_heads={heads} for attention=gqa; "
+                    f"try attention.n_kv_heads={max(1, heads // 4)}"]
+        return super().check(cfg)
 
 
 @ATTENTIONS.register("mqa")
 class MultiQueryAttention(Attention):
-    @staticmethod
-    def kv_heads(n_heads, cfg):  # noqa: ANN001, ANN205
+    @classmethod
+    def kv_heads(cls, cfg) -> int:  # noqa: ANN001
         return 1

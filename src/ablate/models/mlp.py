@@ -5,67 +5,64 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ablate.registry import Registry
+from ablate.registry import Component, Registry
 
-MLPS: Registry[type[nn.Module]] = Registry("mlp")
+MLPS: Registry[type["MLP"]] = Registry("mlp")
 
 
 def _round(x: float, multiple: int) -> int:
     return max(multiple, int(round(x / multiple)) * multiple)
 
 
-class PlainMLP(nn.Module):
-    """d -> expansion*d -> d with a pointwise activation."""
+class MLP(Component, nn.Module):
+    """d -> hidden -> d. `hidden_width(cfg)` is the one place a variant's width is decided."""
 
-    def __init__(self, d_model: int, cfg):  # noqa: ANN001
-        super().__init__()
-        hidden = _round(cfg.expansion * d_model, cfg.multiple_of)
-        self.up = nn.Linear(d_model, hidden, bias=False)
-        self.down = nn.Linear(hidden, d_model, bias=False)
+    gated = False
 
-    def act(self, h: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @classmethod
+    def hidden_width(cls, cfg) -> int:  # noqa: ANN001
+        scale = 2 / 3 if cls.gated else 1.0  # a GLU has three matrices to the plain MLP's two
+        return _round(cfg.mlp.expansion * cfg.model.d_model * scale, cfg.mlp.multiple_of)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.up(x)))
-
-
-class GatedMLP(nn.Module):
-    """d -> (gate, value) of 2/3*expansion*d each -> d: act(gate) * value."""
-
-    def __init__(self, d_model: int, cfg):  # noqa: ANN001
-        super().__init__()
-        hidden = _round(cfg.expansion * d_model * 2 / 3, cfg.multiple_of)
-        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, d_model, bias=False)
+    def __init__(self, cfg):  # noqa: ANN001
+        nn.Module.__init__(self)
+        d, hidden = cfg.model.d_model, self.hidden_width(cfg)
+        self.up = nn.Linear(d, (2 if self.gated else 1) * hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
 
     def act(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.gate_up(x).chunk(2, dim=-1)
+        if not self.gated:
+            return self.down(self.act(self.up(x)))
+        gate, value = self.up(x).chunk(2, dim=-1)
         return self.down(self.act(gate) * value)
 
 
 @MLPS.register("gelu")
-class GeLUMLP(PlainMLP):
+class GeLUMLP(MLP):
     def act(self, h):  # noqa: ANN001, ANN201
         return F.gelu(h, approximate="tanh")
 
 
 @MLPS.register("relu2")
-class SquaredReLUMLP(PlainMLP):
+class SquaredReLUMLP(MLP):
     def act(self, h):  # noqa: ANN001, ANN201
         return F.relu(h).square()
 
 
 @MLPS.register("swiglu")
-class SwiGLU(GatedMLP):
+class SwiGLU(MLP):
+    gated = True
+
     def act(self, h):  # noqa: ANN001, ANN201
         return F.silu(h)
 
 
 @MLPS.register("geglu")
-class GeGLU(GatedMLP):
+class GeGLU(MLP):
+    gated = True
+
     def act(self, h):  # noqa: ANN001, ANN201
         return F.gelu(h, approximate="tanh")

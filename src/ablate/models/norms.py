@@ -3,16 +3,20 @@ from __future__ import annotations
 
 from torch import nn
 
-from ablate.registry import Registry
+from ablate.registry import Component, Registry
 
-NORMS: Registry = Registry("norm")
+NORMS: Registry[type[Component]] = Registry("norm")
 
 
 @NORMS.register("rmsnorm")
-def rmsnorm(d_model: int, cfg) -> nn.Module:  # noqa: ANN001
-    return nn.RMSNorm(d_model, eps=cfg.eps)
+class RMSNorm(Component):
+    @classmethod
+    def build(cls, cfg) -> nn.Module:  # noqa: ANN001
+        return nn.RMSNorm(cfg.model.d_model, eps=cfg.norm.eps)
 
 
 @NORMS.register("layernorm")
-def layernorm(d_model: int, cfg) -> nn.Module:  # noqa: ANN001
-    return nn.LayerNorm(d_model, eps=cfg.eps, bias=False)
+class LayerNorm(Component):
+    @classmethod
+    def build(cls, cfg) -> nn.Module:  # noqa: ANN001
+        return nn.LayerNorm(cfg.model.d_model, eps=cfg.norm.eps, bias=False)

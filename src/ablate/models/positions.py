@@ -1,8 +1,11 @@
 """Positional schemes. Each acts through one of three hooks, and sees per-document positions:
 
 - `embed(x_BTD, pos_BT)`: added at embedding time (learned, sinusoidal);
-- `rotate(q_BTNH, k_BTKH, pos_BT)`: applied to queries and keys (RoPE);
-- `slopes()`: a per-head linear score bias handed to the attention kernel (ALiBi).
+- `rotation(pos_BT)` once per forward, then `rotate(q_BTNH, k_BTKH, rotation)` in every layer (RoPE);
+- `alibi = True`: a per-head linear score bias that the attention kernel adds (ALiBi).
+
+`max_length(cfg)` says how long a document the scheme can place (None: any length), which is what
+length extrapolation asks of it.
 """
 from __future__ import annotations
 
@@ -11,24 +14,33 @@ import math
 import torch
 from torch import nn
 
-from ablate.kernels.spec import alibi_slopes
-from ablate.registry import Registry
+from ablate.registry import Component, Registry
 
 POSITIONS: Registry[type["PositionScheme"]] = Registry("pos")
 
 
-class PositionScheme(nn.Module):
-    def __init__(self, cfg, d_model: int, n_heads: int, head_dim: int, context: int):  # noqa: ANN001
-        super().__init__()
+def head_dim(cfg) -> int:  # noqa: ANN001
+    return cfg.model.d_model // cfg.model.n_heads
+
+
+class PositionScheme(Component, nn.Module):
+    alibi = False
+
+    def __init__(self, cfg):  # noqa: ANN001
+        nn.Module.__init__(self)
+
+    @classmethod
+    def max_length(cls, cfg) -> int | None:  # noqa: ANN001
+        return None
 
     def embed(self, x_BTD: torch.Tensor, pos_BT: torch.Tensor) -> torch.Tensor:
         return x_BTD
 
-    def rotate(self, q_BTNH, k_BTKH, pos_BT):  # noqa: ANN001, ANN201
-        return q_BTNH, k_BTKH
-
-    def slopes(self) -> torch.Tensor | None:
+    def rotation(self, pos_BT: torch.Tensor):  # noqa: ANN201
         return None
+
+    def rotate(self, q_BTNH, k_BTKH, rotation):  # noqa: ANN001, ANN201
+        return q_BTNH, k_BTKH
 
 
 @POSITIONS.register("nope")
@@ -38,16 +50,21 @@ class NoPositions(PositionScheme):
 
 @POSITIONS.register("learned")
 class LearnedPositions(PositionScheme):
-    def __init__(self, cfg, d_model, n_heads, head_dim, context):  # noqa: ANN001
-        super().__init__(cfg, d_model, n_heads, head_dim, context)
-        self.max_positions = cfg.max_positions or context
-        if context > self.max_positions:
-            raise ValueError(
-                f"pos=learned holds {self.max_positions} positions but model.context={context}; "
-                f"raise pos.max_positions to at least {context} or shorten model.context"
-            )
-        self.table = nn.Embedding(self.max_positions, d_model)
-        nn.init.normal_(self.table.weight, std=0.02)
+    def __init__(self, cfg):  # noqa: ANN001
+        super().__init__(cfg)
+        self.table = nn.Embedding(self.max_length(cfg), cfg.model.d_model)
+        nn.init.normal_(self.table.weight, std=cfg.model.init_std)
+
+    @classmethod
+    def max_length(cls, cfg) -> int:  # noqa: ANN001
+        return cfg.pos.max_positions or cfg.model.context
+
+    @classmethod
+    def check(cls, cfg) -> list[str]:  # noqa: ANN001
+        if cls.max_length(cfg) < cfg.model.context:
+            return [f"pos=learned holds pos.max_positions={cfg.pos.max_positions} positions but model.context="
+                    f"{cfg.model.context}; raise pos.max_positions to at least {cfg.model.context} or lower model.context"]
+        return []
 
     def embed(self, x_BTD, pos_BT):  # noqa: ANN001, ANN201
         return x_BTD + self.table(pos_BT)
@@ -55,10 +72,17 @@ class LearnedPositions(PositionScheme):
 
 @POSITIONS.register("sinusoidal")
 class SinusoidalPositions(PositionScheme):
-    def __init__(self, cfg, d_model, n_heads, head_dim, context):  # noqa: ANN001
-        super().__init__(cfg, d_model, n_heads, head_dim, context)
-        inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, d_model, 2).float() / d_model)
+    def __init__(self, cfg):  # noqa: ANN001
+        super().__init__(cfg)
+        d = cfg.model.d_model
+        inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2).float() / d)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @classmethod
+    def check(cls, cfg) -> list[str]:  # noqa: ANN001
+        if cfg.model.d_model % 2:
+            return [f"pos=sinusoidal needs an even model.d_model, got {cfg.model.d_model}"]
+        return []
 
     def embed(self, x_BTD, pos_BT):  # noqa: ANN001, ANN201
         angles = pos_BT[..., None].float() * self.inv_freq
@@ -70,16 +94,25 @@ class SinusoidalPositions(PositionScheme):
 class RotaryPositions(PositionScheme):
     """Rotary embeddings (Su et al.), rotating channel pairs (i, i + H/2) by position-dependent angles."""
 
-    def __init__(self, cfg, d_model, n_heads, head_dim, context):  # noqa: ANN001
-        super().__init__(cfg, d_model, n_heads, head_dim, context)
-        if head_dim % 2:
-            raise ValueError(f"pos=rope needs an even head dim, got {head_dim}")
-        inv_freq = cfg.rope_theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+    def __init__(self, cfg):  # noqa: ANN001
+        super().__init__(cfg)
+        H = head_dim(cfg)
+        inv_freq = cfg.pos.rope_theta ** (-torch.arange(0, H, 2).float() / H)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def rotate(self, q_BTNH, k_BTKH, pos_BT):  # noqa: ANN001, ANN201
+    @classmethod
+    def check(cls, cfg) -> list[str]:  # noqa: ANN001
+        if cfg.model.n_heads > 0 and head_dim(cfg) % 2:
+            return [f"pos=rope needs an even head dim, got model.d_model/model.n_heads={head_dim(cfg)}; "
+                    "change model.d_model or model.n_heads"]
+        return []
+
+    def rotation(self, pos_BT):  # noqa: ANN001, ANN201
         angles_BT1F = (pos_BT[..., None].float() * self.inv_freq)[:, :, None, :]
-        cos, sin = angles_BT1F.cos(), angles_BT1F.sin()
+        return angles_BT1F.cos(), angles_BT1F.sin()
+
+    def rotate(self, q_BTNH, k_BTKH, rotation):  # noqa: ANN001, ANN201
+        cos, sin = rotation
         return _rotate(q_BTNH, cos, sin), _rotate(k_BTKH, cos, sin)
 
 
@@ -90,11 +123,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 @POSITIONS.register("alibi")
 class ALiBiPositions(PositionScheme):
-    """Attention with linear biases (Press et al.): the kernel adds -slope_n * (i - j) to each score."""
+    """Attention with linear biases (Press et al.): the kernel adds -slope_n * (i - j) to each score,
+    with the standard slopes (`ablate.kernels.alibi_slopes`)."""
 
-    def __init__(self, cfg, d_model, n_heads, head_dim, context):  # noqa: ANN001
-        super().__init__(cfg, d_model, n_heads, head_dim, context)
-        self.register_buffer("alibi", alibi_slopes(n_heads), persistent=False)
-
-    def slopes(self) -> torch.Tensor:
-        return self.alibi
+    alibi = True
