@@ -1,23 +1,28 @@
-"""run(cfg): the one place that wires data, model, kernel, training loop and tracker together."""
+"""The one place that wires data, model, kernel, training loop and tracker together.
+
+    built = build_run(cfg)        # plan, seed, data, model, FLOP model, trainer: no tracking
+    built.trainer.fit()           # or built.trainer.train_step(), as the benchmarks do
+    run(cfg)                      # what `python run.py` does: the above inside a tracked MLflow run
+"""
 from __future__ import annotations
 
 import logging
 import random
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ablate.data import build_data
-from ablate.models import LanguageModel, count_params
+from ablate.data import Data, build_data
+from ablate.models import LanguageModel, count_params, matmul_params
 from ablate.tracking.mlflow import Tracker, flatten, git_commit, open_tracker
 from ablate.tracking.sweep import parent_run_id
 from ablate.train import checkpoint, distributed
-from ablate.train.distributed import Dist
+from ablate.train.distributed import SINGLE, Dist
 from ablate.train.loop import Trainer
-from ablate.train.metrics import flops_per_token, mean_attended_keys
-from ablate.validate import ConfigError, Plan, plan
+from ablate.train.metrics import FlopModel
+from ablate.validate import ConfigError, Plan, check_io, plan
 
 log = logging.getLogger("ablate")
 
@@ -31,6 +36,42 @@ def seed_everything(seed: int, deterministic: bool, device: torch.device) -> Non
     torch.use_deterministic_algorithms(deterministic and device.type == "cpu", warn_only=True)
 
 
+@dataclass
+class Built:
+    """A configured run, ready to train."""
+
+    cfg: DictConfig
+    plan: Plan
+    data: Data
+    model: LanguageModel
+    flops: FlopModel
+    trainer: Trainer
+
+    @property
+    def n_params(self) -> int:
+        return count_params(self.model)
+
+
+def build_model(cfg: DictConfig, the_plan: Plan, vocab_size: int) -> LanguageModel:
+    """The model of `cfg` on the plan's device, its attention layers holding the plan's backend."""
+    return LanguageModel(cfg, vocab_size, the_plan.backend).to(the_plan.device)
+
+
+def build_run(cfg: DictConfig, the_plan: Plan | None = None, tracker: Tracker | None = None, dist: Dist = SINGLE,
+              checkpoint_dir=None) -> Built:  # noqa: ANN001
+    """Seeded data, model and trainer for `cfg` (planned here unless `the_plan` is given)."""
+    the_plan = the_plan or plan(cfg)
+    seed_everything(cfg.seed, cfg.deterministic, the_plan.device)
+    # data parallel: every rank reads the global batch (train.batch_size rows per rank) and keeps its rows
+    data = build_data(cfg.data, context=cfg.model.context, batch_size=cfg.train.batch_size * dist.world_size,
+                      seed=cfg.seed, vocab_size=None)
+    model = build_model(cfg, the_plan, data.tokenizer.vocab_size)
+    flops = FlopModel(matmul_params(model), cfg.model.n_layers, the_plan.spec.n_heads * the_plan.spec.head_dim)
+    trainer = Trainer(model, data, cfg, tracker or Tracker(), the_plan.device, flops, compile=the_plan.compile,
+                      checkpoint_dir=checkpoint_dir, dist=dist)
+    return Built(cfg, the_plan, data, model, flops, trainer)
+
+
 def _overrides() -> str:
     from hydra.core.hydra_config import HydraConfig
 
@@ -42,9 +83,7 @@ def _overrides() -> str:
 def run(cfg: DictConfig) -> float:
     """Train and evaluate one configuration; returns the final validation loss."""
     the_plan = plan(cfg)  # every config problem is reported here, before data, model or tracker exist
-    if cfg.train.parallel not in distributed.PARALLEL:
-        raise ConfigError(f"the configuration cannot run:\n  - train.parallel='{cfg.train.parallel}' is unknown; "
-                          f"choose one of: {', '.join(distributed.PARALLEL)}")
+    check_io(cfg)
     # under torchrun: this rank's process group and device; in a multirun on a GPU host: a free GPU
     with distributed.placement(cfg, the_plan.device) as (dist, device):
         return _run(cfg, replace(the_plan, device=device), dist)
@@ -52,7 +91,7 @@ def run(cfg: DictConfig) -> float:
 
 def _tags(cfg: DictConfig, the_plan: Plan, overrides: str, dist: Dist) -> dict[str, str]:
     tags = {"ablate.backend": the_plan.backend.name, "ablate.overrides": overrides or "(defaults)",
-            "ablate.device": the_plan.device.type}
+            "ablate.device": the_plan.device.type, "ablate.compiled": str(the_plan.compile).lower()}
     if dist.enabled:
         tags.update({"ablate.world_size": str(dist.world_size), "ablate.parallel": cfg.train.parallel})
     parent = parent_run_id()
@@ -65,23 +104,20 @@ def _tags(cfg: DictConfig, the_plan: Plan, overrides: str, dist: Dist) -> dict[s
 
 
 def _run(cfg: DictConfig, the_plan: Plan, dist: Dist) -> float:
-    seed_everything(cfg.seed, cfg.deterministic, the_plan.device)
-    # data parallel: every rank reads the global batch (train.batch_size rows per rank) and keeps its rows
-    data = build_data(cfg.data, context=cfg.model.context, batch_size=cfg.train.batch_size * dist.world_size,
-                      seed=cfg.seed, vocab_size=None)
     overrides = _overrides()
     ckpt_dir = checkpoint.checkpoint_dir(cfg, dist.world_size) if cfg.train.checkpoint_every else None
     previous = checkpoint.load(ckpt_dir / "last.pt") if ckpt_dir else None
+    built = build_run(cfg, the_plan, dist=dist, checkpoint_dir=ckpt_dir)
+    trainer, model = built.trainer, built.model
     # one MLflow run per job: rank 0 opens it, the other ranks log nowhere
-    tracker = open_tracker(cfg, run_name=cfg.tracking.run_name or overrides or "defaults",
+    tracker = open_tracker(cfg, run_name=cfg.tracking.get("run_name") or overrides or "defaults",
                            tags=_tags(cfg, the_plan, overrides, dist),
                            run_id=previous["run_id"] if previous else None) if dist.is_main else Tracker()
+    trainer.tracker = tracker
+    if ckpt_dir is not None:
+        tracker.FLUSH_SECONDS = float("inf")
     try:
-        model = LanguageModel(cfg, data.tokenizer.vocab_size, the_plan.backend).to(the_plan.device)
-        n_params = count_params(model)
-        fpt = flops_per_token(count_params(model, non_embedding=True), cfg.model.n_layers, cfg.model.d_model,
-                              mean_attended_keys(data.val_batches()[0].doc_lens, cfg.attention.window))
-        trainer = Trainer(model, data, cfg, tracker, the_plan.device, fpt, checkpoint_dir=ckpt_dir, dist=dist)
+        n_params = built.n_params
         if previous:
             checkpoint.restore(trainer, previous)
             tracker.set_tags({"ablate.resumed_from_step": str(trainer.state.step)})
@@ -90,10 +126,12 @@ def _run(cfg: DictConfig, the_plan: Plan, dist: Dist) -> float:
             tracker.set_tags({"ablate.n_params": str(n_params)})
             tracker.log_params(flatten(cfg))
             tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-            tracker.log_metrics({"model/n_params": n_params}, step=0)
+            tracker.log_metrics({"model/n_params": n_params,
+                                 "model/n_params_non_embedding": count_params(model, non_embedding=True)}, step=0)
         result = trainer.fit()
-        tracker.log_metrics({"data/padding_frac": data.padding_frac("train"),
-                             "data/val_padding_frac": data.padding_frac("val")}, step=trainer.state.step)
+        tracker.log_metrics({"data/padding_frac": built.data.padding_frac("train"),
+                             "data/val_padding_frac": built.data.padding_frac("val"),
+                             "model/flops_per_token": trainer.meter.flops_per_token()}, step=trainer.state.step)
         tracker.finish("FINISHED")
     except KeyboardInterrupt as err:
         tracker.finish("KILLED", error=err)
@@ -115,7 +153,8 @@ def print_summary(cfg, the_plan, n_params, trainer, result, run_id) -> None:  # 
         f"  model      {cfg.model.name}: {cfg.model.n_layers} layers, d={cfg.model.d_model}, "
         f"{cfg.model.n_heads} heads, {n_params / 1e6:.2f}M params",
         f"  variant    attention={cfg.attention.name} pos={cfg.pos.name} mlp={cfg.mlp.name} norm={cfg.norm.name}",
-        f"  kernel     {the_plan.backend.name} on {the_plan.device.type} ({str(the_plan.dtype).replace('torch.', '')})",
+        f"  kernel     {the_plan.backend.name} on {the_plan.device.type} ({str(the_plan.dtype).replace('torch.', '')}"
+        f"{', compiled' if the_plan.compile else ''})",
         f"  steps      {trainer.state.step}, val/loss {first.get('val/loss', float('nan')):.4f} "
         f"(step {first.get('step', 0)}) -> {result.get('val/loss', float('nan')):.4f}, "
         f"val/bpb {result.get('val/bpb', float('nan')):.4f}",
@@ -123,3 +162,6 @@ def print_summary(cfg, the_plan, n_params, trainer, result, run_id) -> None:  # 
         f"{perf.get('perf/peak_mem_gib', 0):.2f} GiB" + (f", MFU {perf['perf/mfu']:.1%}" if "perf/mfu" in perf else ""),
     ]
     print("\n".join(lines), flush=True)
+
+
+__all__ = ["Built", "ConfigError", "build_model", "build_run", "run", "seed_everything"]

@@ -81,7 +81,7 @@ def trainer_payload(trainer, run_id: str | None) -> dict[str, Any]:  # noqa: ANN
         "history": trainer.state.history,
         "model": model_state,
         "optimizer": optimizer_state,
-        "data": trainer.data.train.state_dict(),
+        "data": trainer.data_state,
         "rng": rng_state(),
         "run_id": run_id,
     }
@@ -90,6 +90,7 @@ def trainer_payload(trainer, run_id: str | None) -> dict[str, Any]:  # noqa: ANN
 def restore(trainer, payload: dict[str, Any]) -> None:  # noqa: ANN001
     load_full_state(trainer.model, trainer.optimizer, payload["model"], payload["optimizer"])
     trainer.data.train.load_state_dict(payload["data"])
+    trainer.data_state = payload["data"]
     trainer.state.step = payload["step"]
     trainer.state.history = payload["history"]
     set_rng_state(payload["rng"])

@@ -162,17 +162,19 @@ def shard_rows(batch: PackedBatch, rank: int, world_size: int) -> PackedBatch:
 
 
 class SummedLoss(nn.Module):
-    """The model's loss summed over a batch's targets, as `forward`, so that DDP sees the training step."""
+    """The model's loss summed over a batch's targets, as `forward`: the training step's compiled
+    region, and what DDP wraps."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        return self.model.loss(batch, reduction="sum")
+    def forward(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor, positions_BT: torch.Tensor,
+                layout: Any = None) -> torch.Tensor:
+        return self.model.loss(tokens_BT, targets_BT, positions_BT, layout=layout, reduction="sum")
 
 
-def parallelize(model: nn.Module, parallel: str) -> Callable[[PackedBatch], torch.Tensor]:
+def parallelize(model: nn.Module, parallel: str) -> nn.Module:
     """Wrap the model in place for data-parallel training; returns batch -> summed loss, whose backward
     leaves every rank with the rank-averaged gradient (DDP: whole, FSDP: its shard)."""
     if parallel == "fsdp":
@@ -197,13 +199,17 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """`clip_grad_norm_` for sharded (DTensor) gradients: the norm is that of the whole gradient."""
+def grad_norm(parameters: Iterable[torch.Tensor], sharded: bool = False) -> torch.Tensor:
+    """The norm of the whole gradient (gathered over shards for DTensor gradients), on the device."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None], foreach=True)
+    return norm.full_tensor() if sharded and hasattr(norm, "full_tensor") else norm
+
+
+def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float, sharded: bool = False) -> torch.Tensor:
+    """Scale gradients to a norm of at most `max_norm`; returns the norm before clipping."""
     parameters = list(parameters)
-    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    norm = grad_norm(parameters, sharded)
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm, foreach=True)
     return norm
 
 

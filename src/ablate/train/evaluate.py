@@ -6,11 +6,14 @@ from typing import Callable
 
 import torch
 
+from ablate.train.batches import step_batch
+
 
 @torch.no_grad()
-def evaluate(model, batches, device: torch.device, autocast, shard: Callable | None = None,  # noqa: ANN001
-             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-    """With data parallelism, `shard(batch)` gives this rank's rows and `reduce` sums over ranks; the
+def evaluate(summed_loss: Callable, model, batches, device: torch.device, autocast,  # noqa: ANN001
+             select: Callable | None = None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """`summed_loss(tokens, targets, positions, layout)` is the training step's loss (compiled or not).
+    With data parallelism, `select(batch)` gives this rank's rows and `reduce` sums over ranks; the
     counts of targets and bytes come from the whole batch, which every rank holds."""
     was_training = model.training
     model.eval()
@@ -18,11 +21,11 @@ def evaluate(model, batches, device: torch.device, autocast, shard: Callable | N
     n_targets = 0
     n_bytes: int | None = 0
     for batch in batches:
-        n_targets += int((batch.targets != -100).sum())  # counted on the host, before the copy
+        n_targets += batch.n_targets
         n_bytes = None if n_bytes is None or batch.target_bytes is None else n_bytes + batch.target_bytes
-        batch = (batch if shard is None else shard(batch)).to(device)
+        b = step_batch(batch if select is None else select(batch), model).to(device)
         with autocast():
-            nats += model.loss(batch, reduction="sum").double()
+            nats += summed_loss(b.tokens, b.targets, b.positions, b.layout).double()
     model.train(was_training)
     total = (nats if reduce is None else reduce(nats)).item()
     out = {"val/loss": total / max(n_targets, 1)}

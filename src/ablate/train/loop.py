@@ -1,9 +1,13 @@
 """The training loop: AdamW, warmup + cosine LR, clipping, periodic evaluation, batched metrics.
 
-Per step the loop keeps the loss and gradient norm on the device; they are read back (one host
-synchronisation) every `train.log_every` steps, when metrics are sent to the tracker in one batch.
-Under torchrun (`dist`), each rank trains on its rows of the global batch (see `ablate.train.distributed`);
-the logged loss is summed over ranks then, and a stop signal on any rank stops all after the same step.
+The step is `summed_loss(tokens, targets, positions, layout)` (the model's forward and loss, under
+torch.compile when `train.compile` resolves on), its backward, clipping and a fused AdamW step.
+Batches come ready from a background thread (`ablate.train.batches`), so the step holds no host
+work, no host-device copy and no synchronisation: the loss and gradient norm stay on the device
+and are read back (one sync) every `train.log_every` steps, when metrics are handed to the tracker,
+which sends them to the store off the hot path. Under torchrun (`dist`), each rank trains on its
+rows of the global batch (see `ablate.train.distributed`); the logged loss is summed over ranks
+then, and a stop signal on any rank stops all after the same step.
 """
 from __future__ import annotations
 
@@ -19,9 +23,10 @@ from typing import Any, Iterator
 import torch
 
 from ablate.train import checkpoint, distributed
-from ablate.train.distributed import SINGLE, Dist
+from ablate.train.batches import Prefetcher, StepBatch
+from ablate.train.distributed import SINGLE, Dist, SummedLoss
 from ablate.train.evaluate import evaluate
-from ablate.train.metrics import peak_flops, peak_memory_gib
+from ablate.train.metrics import FlopModel, Meter
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -59,62 +64,52 @@ class LoopState:
 
 
 class Trainer:
-    def __init__(self, model, data, cfg, tracker, device: torch.device, flops_per_token: float,  # noqa: ANN001
-                 checkpoint_dir: Path | None = None, dist: Dist = SINGLE):
+    def __init__(self, model, data, cfg, tracker, device: torch.device, flops: FlopModel,  # noqa: ANN001
+                 compile: bool = False, checkpoint_dir: Path | None = None, dist: Dist = SINGLE):
         self.model, self.data, self.cfg, self.tracker, self.device = model, data, cfg, tracker, device
         self.t, self.dist = cfg.train, dist
         # data parallel: the model is wrapped (DDP) or sharded in place (FSDP) before the optimizer sees it
-        self.summed_loss = distributed.parallelize(model, self.t.parallel) if dist.enabled else None
-        self.clip = distributed.clip_grad_norm if dist.enabled else torch.nn.utils.clip_grad_norm_
+        summed = distributed.parallelize(model, self.t.parallel) if dist.enabled else SummedLoss(model)
+        self.summed_loss = torch.compile(summed) if compile else summed
         self.optimizer = make_optimizer(model, self.t)
         self.state = LoopState()
-        self.flops_per_token = flops_per_token
-        # with checkpoints, metrics reach the store only together with a checkpoint, so that a resumed
-        # run neither repeats nor skips a step beyond the last checkpoint
+        self.meter = Meter(flops, device)
+        select = (lambda b: distributed.shard_rows(b, dist.rank, dist.world_size)) if dist.enabled else None
+        self.batches = Prefetcher(data.train, model, device, select)
+        self.data_state = data.train.state_dict()  # the loader's state after the last batch trained on
         self.checkpoint_dir = checkpoint_dir if self.t.checkpoint_every else None
-        if self.checkpoint_dir is not None:
-            tracker.FLUSH_SECONDS = float("inf")
         # the handler only sets `_signal`; `_stop` is what the ranks agreed on after a step (a signal that
         # lands while that agreement is under way is then not overwritten, but agreed on after the next step)
         self._signal: str | None = None
         self._stop: str | None = None
-        step_fn = self._forward_backward_rows if dist.enabled else self._forward_backward
-        self.step_fn = torch.compile(step_fn) if self.t.compile else step_fn
         bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
 
-    def _forward_backward(self, batch) -> torch.Tensor:  # noqa: ANN001
+    def train_step(self, lr: float | None = None) -> tuple[torch.Tensor, torch.Tensor, StepBatch]:
+        """One optimizer step on the next batch: (mean loss, gradient norm) on the device, and the batch."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr if lr is not None else lr_at(self.state.step, self.t)
+        batch = self.batches.next()
         with self.autocast():
-            loss = self.model.loss(batch)
-        loss.backward()
-        return loss.detach()
-
-    def _forward_backward_rows(self, rows, scale: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        """This rank's rows: loss summed, scaled by world size / global targets (ranks average gradients);
-        returns this rank's share of the global mean loss."""
-        with self.autocast():
-            total = self.summed_loss(rows)
-        (total * scale).backward()
-        return total.detach() * scale / self.dist.world_size
-
-    def _train_step(self, batch) -> torch.Tensor:  # noqa: ANN001 - the global batch, on the host
-        if not self.dist.enabled:
-            return self.step_fn(batch.to(self.device))
-        rows = distributed.shard_rows(batch, self.dist.rank, self.dist.world_size)
-        # a 0-d CPU tensor: a kernel argument, neither a host-to-device copy nor a recompile per value
-        scale = torch.tensor(self.dist.world_size / max(batch.n_targets, 1))
-        return self.step_fn(rows.to(self.device), scale)
+            total = self.summed_loss(batch.tokens, batch.targets, batch.positions, batch.layout)
+        # ranks average gradients: scale by world size / the global batch's targets for the 1-rank gradient
+        (total * (self.dist.world_size / max(batch.n_targets, 1))).backward()
+        params = self.model.parameters()
+        if self.t.grad_clip > 0:
+            grad_norm = distributed.clip_grad_norm(params, self.t.grad_clip, self.dist.enabled)
+        else:
+            grad_norm = distributed.grad_norm(params, self.dist.enabled)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.data_state = batch.data_state
+        return total.detach() / max(batch.n_targets, 1), grad_norm, batch
 
     def evaluate(self) -> dict[str, float]:
-        split = {}
-        if self.dist.enabled:
-            split = {"shard": lambda b: distributed.shard_rows(b, self.dist.rank, self.dist.world_size),
-                     "reduce": self.dist.sum}
-        result = evaluate(self.model, self.data.val_batches(), self.device, self.autocast, **split)
+        select = (lambda b: distributed.shard_rows(b, self.dist.rank, self.dist.world_size)) if self.dist.enabled else None
+        result = evaluate(self.summed_loss, self.model, self.data.val_batches(), self.device, self.autocast,
+                          select=select, reduce=self.dist.sum)
         self.tracker.log_metrics(result, step=self.state.step)
         self.state.history.append({"step": self.state.step, **result})
-        if self.checkpoint_dir is None:
-            self.tracker.flush()
         return result
 
     def save_checkpoint(self, final: bool = False) -> None:
@@ -145,64 +140,54 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def fit(self) -> dict[str, float]:
-        t = self.t
         self.model.train()
-        pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
-        tokens_since, clock = 0, time.perf_counter()
-        progress = _progress(t, self.state.step) if self.dist.is_main else None
-        with self._stop_on_signals():
-            self._loop(pending, tokens_since, clock, progress)
-        if progress is not None:
-            progress.close()
+        progress = _progress(self.t, self.state.step) if self.dist.is_main else None
+        try:
+            with self._stop_on_signals():
+                self._loop(progress)
+        finally:
+            self.batches.close()
+            if progress is not None:
+                progress.close()
         self.tracker.flush()
         return self.state.history[-1] if self.state.history else {}
 
-    def _loop(self, pending, tokens_since: int, clock: float, progress) -> None:  # noqa: ANN001
-        t, model = self.t, self.model
+    def _loop(self, progress) -> None:  # noqa: ANN001
+        t = self.t
+        pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
+        self.meter.start()
         while self.state.step < t.steps:
             step = self.state.step
             lr = lr_at(step, t)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            batch = next(self.data.train)
-            tokens_since += batch.tokens.numel() - batch.n_pad
-            loss = self._train_step(batch)
-            grad_norm = self.clip(model.parameters(), t.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            loss, grad_norm, batch = self.train_step(lr)
+            self.meter.count(batch.n_tokens * self.dist.world_size, batch.pairs * self.dist.world_size)
             pending.append((step, loss, grad_norm, lr))
             self.state.step = step + 1
             self._stop = self.dist.agree_stop(self._signal)
             last = self.state.step == t.steps
             save = self.checkpoint_dir is not None and (self.state.step % t.checkpoint_every == 0 or last)
             if self.state.step % t.log_every == 0 or last or save or self._stop:
-                self._report(pending, tokens_since, clock, progress)
-                pending, tokens_since, clock = [], 0, time.perf_counter()
-            paused = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s
-            if self.state.step % t.eval_every == 0 or last:
-                self.evaluate()
-            if save or (self._stop and self.checkpoint_dir is not None):
-                self.save_checkpoint(final=last)
-            clock += time.perf_counter() - paused
+                self._report(pending, progress)
+                pending = []
+            with self.meter.paused():  # evaluation and checkpoints do not count against tokens/s
+                if self.state.step % t.eval_every == 0 or last:
+                    self.evaluate()
+                if save or (self._stop and self.checkpoint_dir is not None):
+                    self.save_checkpoint(final=last)
             if self._stop:
                 self.tracker.flush()
                 raise Interrupted(f"{self._stop} at step {self.state.step}")
 
-    def _report(self, pending, tokens: int, clock: float, progress) -> None:  # noqa: ANN001
+    def _report(self, pending, progress) -> None:  # noqa: ANN001
         losses = self.dist.sum(torch.stack([p[1] for p in pending]).float()).tolist()  # the one host sync
         norms = torch.stack([p[2] for p in pending]).float().tolist()
-        seconds = time.perf_counter() - clock
         for (step, _, _, lr), loss, norm in zip(pending, losses, norms):
             if not math.isfinite(loss):
                 self.tracker.set_tags({"ablate.failure": "nonfinite_loss", "ablate.failure_step": str(step)})
                 raise NonFiniteLoss(step, loss)
             self.tracker.log_metrics({"train/loss": loss, "train/lr": lr, "train/grad_norm": norm}, step)
-        step = pending[-1][0]
-        perf = {"perf/tokens_per_s": tokens / seconds, "perf/peak_mem_gib": peak_memory_gib(self.device)}
-        peak = peak_flops(self.device)
-        if peak:
-            perf["perf/mfu"] = self.flops_per_token * perf["perf/tokens_per_s"] / peak
-        self.tracker.log_metrics(perf, step)
+        perf = self.meter.read()
+        self.tracker.log_metrics(perf, pending[-1][0])
         self.last_perf = perf
         if progress is not None:
             progress.update(len(pending))
