@@ -235,8 +235,8 @@ class Noise:
     def statement(self) -> str:
         if self.n_cells == 0:
             return "Seed spread unknown: no cell has two finished seeds with val/loss."
-        text = (f"Seed spread of val/loss: {self.seed_sd:.3g} (mean over {self.n_cells} cell{"s" * (self.n_cells != 1)} of the std over "
-                f"seeds). ")
+        cells = f"{self.n_cells} cell" + "s" * (self.n_cells != 1)
+        text = f"Seed spread of val/loss: {self.seed_sd:.3g} (mean over {cells} of the std over seeds). "
         if self.n_runs == 0:
             return text + "Validation sampling error unknown: no run logged val/loss_se."
         text += f"Validation sampling error: {self.val_se:.3g} (mean val/loss_se over {self.n_runs} runs). "
