@@ -1,36 +1,209 @@
-from mlflow.entities import Metric, Param, RunTag
+"""The sweep report on a made-up MLflow store: statistics checked against direct computations."""
+import math
+import statistics
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from ablate.report import format_table, group, sweep_runs
-from ablate.report.__main__ import main
+from ablate.report import build_report, main
+from ablate.report.plots import curve_band
+from ablate.report.stats import t_quantile
+from ablate.report.tables import length_multiple
+
+T975 = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 9: 2.262157, 29: 2.045230}  # printed t tables
+CELL_LOSS = {"mha": 2.00, "gqa": 1.90, "mqa": 2.05}
+CELL_SEEDS = {"mha": (0, 1, 2), "gqa": (0, 1, 2), "mqa": (1, 2, 3)}  # mqa: other seeds, so Welch
+SEED_EFFECT = {0: 0.0, 1: 0.05, 2: -0.03, 3: 0.02}  # shared by every cell: what pairing removes
+NO_EXTRAPOLATION = "learned positions: no table beyond the training context"
+STEPS = (0, 100, 200, 300)
+AT_2X, AT_4X = "val/loss_2x", "val/loss_4x"  # MLflow refuses '@' in names: val/loss@2x is logged like this
 
 
-def make_sweep(uri):
+def final_loss(cell, seed):
+    rng = np.random.default_rng(100 * list(CELL_LOSS).index(cell) + seed)
+    return CELL_LOSS[cell] + SEED_EFFECT[seed] + float(rng.normal(0, 0.005))
+
+
+def add_run(client, exp, parent, start, params, metrics, status="FINISHED", tags=()):
+    run = client.create_run(exp, start_time=start, tags={"mlflow.parentRunId": parent, **dict(tags)}).info.run_id
+    client.log_batch(run, metrics=[Metric(k, v, start + step, step) for k, v, step in metrics],
+                     params=[Param(k, str(v)) for k, v in params.items()])
+    client.set_terminated(run, status, end_time=start + 1000)
+    return run
+
+
+def child_metrics(cell, seed):
+    loss = final_loss(cell, seed)
+    steps = (0, 50, 150, 300) if (cell, seed) == ("gqa", 1) else STEPS  # curves on other steps: interpolated
+    out = [("val/loss", loss + 2.0 * (1 - s / 300) ** 2, s) for s in steps]
+    last = {"val/loss_best": loss - 0.01, "val/bpb": loss / math.log(2) / 4, "val/loss_se": 0.002,
+            "perf/tokens_per_s": 50_000 + 1_000 * seed + 3_000 * list(CELL_LOSS).index(cell),
+            "perf/peak_mem_gib": 1.5 + 0.1 * seed, "model/n_params": 1_234_567.0, "model/flops_per_token": 7.4e6}
+    if cell != "mqa":
+        last |= {AT_2X: loss + 0.1 + 0.01 * seed, AT_4X: loss + 0.3 + 0.02 * seed}
+    return out + [(k, v, 300) for k, v in last.items()]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root}/mlflow.db"
     client = MlflowClient(uri)
-    exp = client.create_experiment("grid")
-    parent = client.create_run(exp, tags={"ablate.sweep": "attention=mha,gqa seed=0,1,2"}).info.run_id
-    losses = {("mha", 0): 2.0, ("mha", 1): 2.2, ("mha", 2): 2.1, ("gqa", 0): 1.9, ("gqa", 1): 1.95, ("gqa", 2): 1.85}
-    for (attention, seed), loss in losses.items():
-        run = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
-        client.log_batch(run, metrics=[Metric("val/loss", loss, 0, 10)],
-                         params=[Param("attention.name", attention), Param("seed", str(seed)),
-                                 Param("pos.name", "rope")], tags=[RunTag("x", "y")])
-        client.set_terminated(run, "FINISHED")
-    client.set_terminated(parent, "FINISHED")
-    return client
+    art = (root / "artifacts").as_uri()
+    late, grid = (client.create_experiment(n, artifact_location=f"{art}/{n}") for n in ("late", "grid"))
+    old = client.create_run(grid, start_time=1_000_000, tags={"ablate.sweep": "attention=mha"}).info.run_id
+    add_run(client, grid, old, 1_000_100, {"attention.name": "mha", "pos.name": "rope", "seed": 0},
+            [("val/loss", 3.0, 300)])
+    parent = client.create_run(grid, start_time=2_000_000, tags={"ablate.sweep": "attention=mha,gqa,mqa"}).info.run_id
+    ids, start = {}, 2_000_100
+    for cell, seed in [(c, s) for c, seeds in CELL_SEEDS.items() for s in seeds] + [("gqa", 3)]:
+        start += 100
+        params = {"attention.name": cell, "pos.name": "rope", "seed": seed, "train.steps": 300,
+                  "paths.output_dir": f"/tmp/out/{start}", "tracking.run_name": f"job{start}"}
+        if (cell, seed) == ("gqa", 3):  # diverged after its first evaluation
+            add_run(client, grid, parent, start, params, [("val/loss", 4.0, 0)], status="FAILED")
+            continue
+        tags = {"ablate.extrapolation": NO_EXTRAPOLATION} if cell == "mqa" else {}
+        ids[cell, seed] = add_run(client, grid, parent, start, params, child_metrics(cell, seed), tags=tags)
+    newest = client.create_run(late, start_time=3_000_000, tags={"ablate.sweep": "pos=rope,alibi"}).info.run_id
+    for i, pos in enumerate(("rope", "alibi")):
+        add_run(client, late, newest, 3_000_100 + i, {"pos.name": pos, "seed": 0}, [("val/loss", 2.5 + i, 300)])
+    return {"uri": uri, "client": client, "parent": parent, "old": old, "late": newest, "ids": ids}
 
 
-def test_report_folds_seeds_and_sorts_by_metric(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/m.db"
-    client = make_sweep(uri)
-    runs = sweep_runs(client, "grid", "latest")
-    columns, rows = group(runs, ("val/loss",))
-    assert columns == ["attention.name"]  # seed folded, constant pos.name dropped
-    by = {row.key[0][1]: row for row in rows}
-    assert abs(by["gqa"].mean("val/loss") - 1.9) < 1e-9 and len(by["mha"].values["val/loss"]) == 3
-    assert by["mha"].ci95("val/loss") > 0
-    table = format_table(columns, rows, metrics=("val/loss",))
-    assert table.splitlines()[2].startswith("gqa")  # best first
-    assert main(["--tracking-uri", uri, "--experiment", "grid"]) == 0
+@pytest.fixture(scope="module")
+def report(store, tmp_path_factory):
+    folder = build_report(store["client"], store["parent"], out_dir=tmp_path_factory.mktemp("report") / "r")
+    return folder
+
+
+def finished(cell, metric):
+    return [dict((k, v) for k, v, _ in child_metrics(cell, s))[metric] for s in CELL_SEEDS[cell]]
+
+
+def interval(values):
+    n = len(values)
+    return statistics.fmean(values), T975[n - 1] * statistics.stdev(values) / math.sqrt(n)
+
+
+def test_t_quantile_matches_printed_tables_and_the_density():
+    for df, q in T975.items():
+        assert t_quantile(df) == pytest.approx(q, abs=2e-6)
+    assert t_quantile(1e7) == pytest.approx(1.959964, abs=1e-5)
+    for df in (1.5, 2.5, 7.3):  # Welch's fractional degrees of freedom: 95% of the density inside ±q
+        q = t_quantile(df)
+        x = np.linspace(-q, q, 400_001)
+        log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+        pdf = np.exp(log_c - (df + 1) / 2 * np.log1p(x * x / df))
+        assert np.trapezoid(pdf, x) == pytest.approx(0.95, abs=1e-7)
+
+
+def test_cells_fold_seeds_into_mean_and_t_interval(report):
+    cells = pd.read_csv(report / "cells.csv", index_col="cell")
+    assert list(cells.index) == ["attention=gqa", "attention=mha", "attention=mqa"]  # best val/loss first
+    assert "attention.name" in cells and not {"seed", "pos.name", "paths.output_dir", "tracking.run_name"} & set(cells)
+    for cell in CELL_LOSS:
+        row = cells.loc[f"attention={cell}"]
+        for metric in ("val/loss", "val/loss_best", "val/bpb", "perf/tokens_per_s", "perf/peak_mem_gib"):
+            mean, half = interval(finished(cell, metric))
+            assert (row[f"{metric} mean"], row[f"{metric} ci95"]) == (pytest.approx(mean), pytest.approx(half))
+            assert row[f"{metric} n"] == 3
+    gqa = cells.loc["attention=gqa"]
+    assert (gqa["runs"], gqa["not finished"]) == (4, 1)  # the failed run's val/loss 4.0 stays out
+    assert gqa[f"{AT_4X} mean"] == pytest.approx(statistics.fmean(finished("gqa", AT_4X)))
+    assert math.isnan(cells.loc["attention=mqa", f"{AT_2X} mean"])
+    md = (report / "cells.md").read_text()
+    mqa_line = next(line for line in md.splitlines() if "| mqa" in line)
+    assert mqa_line.count("n/a") == 2 and "4 (1 not finished)" in md
+    assert NO_EXTRAPOLATION in (report / "report.md").read_text()
+
+
+def test_ranking_is_paired_on_shared_seeds_else_welch(report):
+    ranked = pd.read_csv(report / "ranking.csv", index_col="cell")
+    assert ranked.loc["attention=mha", "verdict"] == "baseline"  # the cell of the sweep's earliest run
+    diffs = [final_loss("gqa", s) - final_loss("mha", s) for s in (0, 1, 2)]
+    mean, half = interval(diffs)
+    gqa = ranked.loc["attention=gqa"]
+    assert (gqa["diff"], gqa["ci95"]) == (pytest.approx(mean), pytest.approx(half))
+    assert gqa["test"].startswith("paired") and gqa["verdict"] == "better"
+    a, b = finished("mha", "val/loss"), finished("mqa", "val/loss")
+    va, vb = statistics.variance(a) / 3, statistics.variance(b) / 3
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)
+    welch = t_quantile(df) * math.sqrt(va + vb)
+    mqa = ranked.loc["attention=mqa"]
+    assert mqa["test"].startswith("Welch")
+    diff = statistics.fmean(b) - statistics.fmean(a)
+    assert (mqa["diff"], mqa["ci95"]) == (pytest.approx(diff), pytest.approx(welch))
+    assert mqa["verdict"] == ("within noise" if abs(mqa["diff"]) <= welch else "worse")
+    gqa_var = statistics.variance(finished("gqa", "val/loss"))
+    unpaired = t_quantile(4) * math.sqrt((gqa_var + statistics.variance(a)) / 3)
+    assert half < unpaired / 3  # the shared seed effect cancels in the paired difference
+    text = (report / "report.md").read_text()
+    assert "Seed spread of val/loss" in text and "Validation sampling error: 0.002" in text
+
+
+def test_files_plots_and_parent_artifacts(report, store):
+    import matplotlib.image
+
+    names = ["cells.md", "cells.csv", "ranking.md", "ranking.csv", "report.md", "val_loss_vs_step.png",
+             "loss_vs_eval_length.png", "throughput.png", "memory.png"]
+    for name in names:
+        assert (report / name).stat().st_size > 0, name
+    for name in names[5:]:
+        assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert min(matplotlib.image.imread(report / name).shape[:2]) > 100
+        assert f"]({name})" in (report / "report.md").read_text()
+    logged = {a.path for a in store["client"].list_artifacts(store["parent"], "report")}
+    assert {f"report/{n}" for n in names} <= logged
+
+
+def test_length_extrapolation_names():
+    assert [length_multiple(m) for m in ("val/loss@2x", "val/loss_4x", "val/loss:8x", "val/loss/16x")] == [2, 4, 8, 16]
+    assert [length_multiple(m) for m in ("val/loss", "val/loss_se", "val/loss_best", "val/bpb@2x")] == [None] * 4
+
+
+def test_curve_band_interpolates_onto_the_common_steps():
+    a, b = ([0, 100, 200], [3.0, 2.0, 1.5]), ([0, 50, 150, 250], [3.2, 2.8, 1.9, 1.0])
+    steps, mean, half = curve_band([a, b])
+    assert steps.tolist() == [0, 50, 100, 150, 200]
+    ys = np.stack([np.interp(steps, *a), np.interp(steps, *b)])
+    assert np.allclose(mean, ys.mean(0)) and np.allclose(half, T975[1] * ys.std(0, ddof=1) / math.sqrt(2))
+
+
+def test_bad_input_exits_2_listing_what_exists(store, tmp_path, capsys):
+    base = ["--tracking-uri", store["uri"], "--out", str(tmp_path / "r"), "--no-log"]
+    assert main([*base, store["parent"], "--metric", "val/bpp"]) == 2
+    assert "'val/bpp'" in (err := capsys.readouterr().err) and "val/bpb" in err and AT_2X in err
+    assert main([*base, "--experiment", "nope"]) == 2
+    assert "'nope'" in (err := capsys.readouterr().err) and "grid" in err and "late" in err
+    assert main([*base, "--sweep", "0123456789abcdef"]) == 2
+    assert store["parent"] in (err := capsys.readouterr().err) and store["late"] in err
+    assert main([*base, store["ids"]["mha", 0]]) == 2
+    assert f"child of sweep {store['parent']}" in capsys.readouterr().err
+    assert main([*base, store["parent"], "--baseline", "attention=xyz"]) == 2
+    assert "attention=mqa" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before anything is written
+
+
+def test_default_is_the_latest_sweep_of_any_experiment(store, tmp_path, capsys):
+    assert main(["--tracking-uri", store["uri"], "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
-    assert "attention" in out and "±" in out
+    assert f"sweep {store['late']} of experiment 'late'" in out and "pos=alibi" in out and str(tmp_path / "r") in out
+    logged = {a.path for a in store["client"].list_artifacts(store["late"], "report")}
+    assert "report/report.md" in logged
+
+
+def test_every_run_of_an_experiment_is_not_logged_anywhere(store, tmp_path, capsys):
+    args = ["--tracking-uri", store["uri"], "--experiment", "grid", "--sweep", "all", "--out", str(tmp_path / "r"),
+            "--baseline", "attention=gqa"]
+    assert main(args) == 0
+    assert "not logged to MLflow" in capsys.readouterr().out
+    cells = pd.read_csv(tmp_path / "r" / "cells.csv", index_col="cell")
+    assert cells.loc["attention=mha", "runs"] == 4  # both sweeps' runs
+    ranked = pd.read_csv(tmp_path / "r" / "ranking.csv", index_col="cell")
+    assert ranked.loc["attention=gqa", "verdict"] == "baseline"
+    assert ranked.loc["attention=mha", "test"].startswith("Welch")  # seed 0 twice in mha: no pairing
+    assert not store["client"].list_artifacts(store["old"])
