@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from ablate.config import compose
 from ablate.data import (
     CORPORA,
     IGNORE_INDEX,
@@ -219,6 +220,65 @@ def test_text_corpus_errors(tmp_path):
         build_data({"name": "text", "paths": [str(empty)]}, 16, 2, 0, None)
     with pytest.raises(ValueError, match="data.paths"):
         build_data({"name": "text"}, 16, 2, 0, None)
+
+
+LATIN1 = "line one\nline two\ncaf\u00e9 d\u00e9j\u00e0 vu\n"  # the first non-ASCII byte is byte 21
+
+
+def text_cfg(*paths, **keys) -> dict:
+    return {"name": "text", "paths": [str(p) for p in paths], "val_per_mille": 0, **keys}
+
+
+def test_text_corpus_refuses_text_that_is_not_utf8(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("plain ascii\n", encoding="utf-8")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(LATIN1.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.txt.* byte 21 .*data\.encoding=latin-1.*data\.errors=replace"):
+        build_data(text_cfg(good, latin), 16, 2, 0, None)
+    binary = tmp_path / "image.gif"
+    binary.write_bytes(b"GIF89a" + bytes(range(256)))  # bytes 0..127 are ASCII: 0x80 at byte 6 + 128 is the first bad one
+    with pytest.raises(ValueError, match=r"image\.gif.* byte 134 .*data\.encoding=latin-1.*data\.errors=replace"):
+        build_data(text_cfg(binary), 16, 2, 0, None)
+
+
+def test_text_corpus_other_encodings_and_replacement(tmp_path):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(LATIN1.encode("latin-1"))
+    data = build_data(text_cfg(latin, encoding="latin-1"), 16, 2, 0, None)
+    (doc,) = CORPORA.get("text").from_config(text_cfg(latin, encoding="latin-1")).documents()
+    assert doc.text == LATIN1.strip("\n")
+    # the byte tokenizer sees the text re-encoded as UTF-8, so bits per byte counts UTF-8 bytes, not file bytes
+    n_utf8 = len(doc.text.encode("utf-8"))
+    assert n_utf8 == latin.stat().st_size - 1 + 3  # the last newline is stripped; each accented letter is 2 bytes
+    assert data.stats["train_tokens"] == n_utf8 + 1  # and one end-of-document token
+    (replaced,) = CORPORA.get("text").from_config(text_cfg(latin, errors="replace")).documents()
+    assert replaced.text.count("\ufffd") == 3 and replaced.text.startswith("line one\nline two\ncaf\ufffd d\ufffdj")
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"one\r\ntwo\rthree\r\n")  # universal newlines, as before
+    assert CORPORA.get("text").from_config(text_cfg(crlf)).documents()[0].text == "one\ntwo\nthree"
+
+
+def test_text_corpus_encoding_keys_are_checked_before_reading(tmp_path):
+    missing = tmp_path / "nowhere"  # read first, this would fail with FileNotFoundError
+    for keys, message in [
+        ({"encoding": "klingon"}, r"data\.encoding='klingon'.*unknown"),
+        ({"encoding": "base64"}, r"data\.encoding='base64'.*not a text encoding"),
+        ({"errors": "bogus"}, r"data\.errors='bogus'.*strict, replace"),
+        ({"errors": "xmlcharrefreplace"}, r"data\.errors='xmlcharrefreplace'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            build_data(text_cfg(missing, **keys), 16, 2, 0, None)
+
+
+def test_text_corpus_encoding_keys_compose(tmp_path):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(LATIN1.encode("latin-1"))
+    defaults = compose(["data=text"]).data
+    assert (defaults.encoding, defaults.errors) == ("utf-8", "strict")
+    cfg = compose(["data=text", f"data.paths=[{latin}]", "data.val_per_mille=0", "data.encoding=latin-1"])
+    (doc,) = CORPORA.get("text").from_config(cfg.data).documents()
+    assert doc.text == LATIN1.strip("\n")
 
 
 # --------------------------------------------------------------------------- token shards

@@ -58,6 +58,8 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)  # text: files or folders
     glob: str = "*.txt"  # text: files taken from folders
     doc_separator: Optional[str] = None  # text: split files into documents on this string
+    encoding: str = "utf-8"  # text: the files' encoding; the byte tokenizer sees the text as UTF-8
+    errors: str = "strict"  # text: a byte that does not decode: strict (refuse) | replace | ignore | backslashreplace
     path: Optional[str] = None  # tokens: folder of *train*.bin / *val*.bin shards
     eot_id: int = 50256  # tokens: the end-of-text id between documents
     vocab_size: Optional[int] = None  # tokens: the tokenizer's vocabulary size

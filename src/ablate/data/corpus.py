@@ -5,6 +5,8 @@ stable hash of its id, mod 1000, is below `val_per_mille`. Parsed documents are 
 """
 from __future__ import annotations
 
+import codecs
+import encodings
 import functools
 import hashlib
 import importlib.util
@@ -211,17 +213,82 @@ class ShakespeareCorpus(TextCorpus):
 # Local text files
 
 
+# error handlers that decode to text the byte tokenizer can encode as UTF-8
+DECODE_ERRORS = ("strict", "replace", "ignore", "backslashreplace")
+
+
+def _codec_name(name: str) -> str:
+    return encodings.normalize_encoding(name).lower()
+
+
+def check_decoding(encoding: str, errors: str) -> None:
+    """Refuse an encoding (`data.encoding`) or error handler (`data.errors`) that cannot decode text files."""
+    fix = "name a text encoding such as utf-8, latin-1 or cp1252"
+    try:
+        info: codecs.CodecInfo | None = codecs.lookup(encoding)
+    except LookupError:
+        info = None
+    # a registered codec search function may answer every name (some installed packages add one): trust a
+    # codec of the standard library, or one that carries the name asked for
+    in_stdlib = encodings.search_function(encoding.lower()) is not None
+    if info is None or not (in_stdlib or _codec_name(info.name) == _codec_name(encoding)):
+        raise ValueError(f"data.encoding='{encoding}' is an unknown encoding; {fix}")
+    try:
+        b"\n".decode(encoding)  # a codec that is not a text encoding refuses here (not on b"")
+    except LookupError:
+        raise ValueError(f"data.encoding='{encoding}' is not a text encoding; {fix}") from None
+    except UnicodeError:
+        pass  # a text encoding in which a lone newline byte does not decode (utf-16)
+    if errors not in DECODE_ERRORS:
+        choices = ", ".join(DECODE_ERRORS)
+        raise ValueError(f"data.errors='{errors}' is not an error handler for decoding text; choose one of: {choices}")
+
+
+def decode_file(path: str, encoding: str = "utf-8", errors: str = "strict") -> str:
+    """The text of a file, with universal newlines. With `errors="strict"` a byte that does not decode
+    stops the run, naming the file, the byte's offset and line, and the fix."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode(encoding, errors)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(
+            f"text file '{path}' is not valid {encoding}: byte {e.start} (0x{raw[e.start]:02x}, line {line}): "
+            f"{e.reason}. Set data.encoding=latin-1 if the file is Latin-1, "
+            "or data.errors=replace to accept replacement characters; a file that is not text does not belong in "
+            "data.paths (narrow data.glob)"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 @CORPORA.register("text")
 class TextFilesCorpus(TextCorpus):
     """Text files, listed or found in folders (`data.paths`, folders searched with `data.glob`,
     recursively). A file is one document unless `data.doc_separator` is set: then the file is cut
     at every occurrence of that literal string (e.g. "\\n\\n\\n" or a marker line) and each
-    non-blank piece is a document. Ids are `file#piece`, files named relative to their folder."""
+    non-blank piece is a document. Ids are `file#piece`, files named relative to their folder.
 
-    def __init__(self, paths: list[str], glob: str = "*.txt", doc_separator: str | None = None):
+    Files are decoded with `data.encoding` (default utf-8). A byte that does not decode is refused
+    unless `data.errors` says otherwise: `replace` puts U+FFFD in its place, `ignore` drops it,
+    `backslashreplace` writes it as `\\xNN`. The byte tokenizer sees the decoded text encoded as UTF-8,
+    so bits per byte counts the UTF-8 bytes of the text, not the bytes of the file: with another
+    encoding every character beyond ASCII counts as its UTF-8 bytes (an `é` of a latin-1 file, one
+    byte there, counts as 2), each U+FFFD from `replace` counts as 3, and dropped bytes count as none."""
+
+    def __init__(
+        self,
+        paths: list[str],
+        glob: str = "*.txt",
+        doc_separator: str | None = None,
+        encoding: str = "utf-8",
+        errors: str = "strict",
+    ):
+        check_decoding(encoding, errors)
         self.paths = [str(p) for p in paths]
         self.glob = glob
         self.doc_separator = doc_separator
+        self.encoding = encoding
+        self.errors = errors
 
     @classmethod
     def from_config(cls, cfg: Any) -> "TextFilesCorpus":
@@ -229,7 +296,13 @@ class TextFilesCorpus(TextCorpus):
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if not paths:
             raise ValueError("the 'text' corpus needs files or folders in data.paths")
-        return cls(paths, config_value(cfg, "glob", "*.txt"), config_value(cfg, "doc_separator", None))
+        return cls(
+            paths,
+            config_value(cfg, "glob", "*.txt"),
+            config_value(cfg, "doc_separator", None),
+            config_value(cfg, "encoding", "utf-8"),
+            config_value(cfg, "errors", "strict"),
+        )
 
     def describe(self) -> str:
         return f"the text corpus at {', '.join(self.paths)}"
@@ -249,17 +322,19 @@ class TextFilesCorpus(TextCorpus):
     def documents(self) -> tuple[Document, ...]:
         files = self.files()
         key = tuple((name, str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for name, f in files)
-        docs = _text_documents(key, self.doc_separator)
+        docs = _text_documents(key, self.doc_separator, self.encoding, self.errors)
         if not docs:
             raise ValueError(f"{self.describe()} is empty: no text in its {len(files)} files matching '{self.glob}'")
         return docs
 
 
 @functools.lru_cache(maxsize=16)
-def _text_documents(files: tuple[tuple[str, str, int, int], ...], separator: str | None) -> tuple[Document, ...]:
+def _text_documents(
+    files: tuple[tuple[str, str, int, int], ...], separator: str | None, encoding: str, errors: str
+) -> tuple[Document, ...]:
     docs = []
     for name, path, _, _ in files:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        text = decode_file(path, encoding, errors)
         pieces = text.split(separator) if separator else [text]
         docs.extend(Document(f"{name}#{i}", piece.strip("\n")) for i, piece in enumerate(pieces) if piece.strip())
     return tuple(docs)
