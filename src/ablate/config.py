@@ -106,8 +106,8 @@ class TextDataConfig(DataConfig):
     paths: list[str] = MISSING  # files or folders
     glob: str = MISSING  # files taken from folders
     doc_separator: Optional[str] = MISSING  # split files into documents on this string
-    encoding: str = MISSING
-    errors: str = MISSING  # strict: refuse bytes that are not `encoding`; replace: accept them as U+FFFD
+    encoding: str = MISSING  # the files' encoding; the byte tokenizer sees the text as UTF-8
+    errors: str = MISSING  # a byte that does not decode: strict (refuse) | replace | ignore | backslashreplace
 
 
 @dataclass

