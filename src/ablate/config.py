@@ -259,14 +259,23 @@ def register_resolvers() -> None:
 register_resolvers()  # at import: a launcher's worker process composes the config without run.py
 
 
+def _shipped(package: str, folder: str) -> Path:
+    """A folder shipped as the package `ablate.<folder>`: in a checkout, the top-level `<folder>/`
+    (also when only `src/` is on the path); in an installed wheel, the package's own."""
+    checkout = Path(__file__).resolve().parents[2] / folder
+    if (checkout / "__init__.py").is_file():
+        return checkout
+    return Path(str(resources.files(package)))
+
+
 def config_dir() -> Path:
-    """The config groups: `ablate.conf` (the checkout's `conf/`, or the installed package's)."""
-    return Path(str(resources.files("ablate.conf")))
+    """The config groups (`conf/`, installed as `ablate.conf`)."""
+    return _shipped("ablate.conf", "conf")
 
 
 def experiments_dir() -> Path:
-    """The named ablations: `ablate.experiments` (the checkout's `experiments/`)."""
-    return Path(str(resources.files("ablate.experiments")))
+    """The named ablations (`experiments/`, installed as `ablate.experiments`)."""
+    return _shipped("ablate.experiments", "experiments")
 
 
 def register_configs() -> None:
