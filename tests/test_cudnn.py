@@ -127,3 +127,24 @@ def test_new_layout_in_same_bucket_reuses_graphs_without_host_sync():
     ref, (dq, _, _) = run_attention("eager", spec, qkv, second, grad)
     assert rel_err(o, ref) <= tolerance(torch.bfloat16, "cuda")
     assert rel_err(leaves[0].grad, 2 * dq) <= tolerance(torch.bfloat16, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("alibi", [False, True])
+def test_reads_the_slices_of_a_fused_projection_in_place(alibi):
+    """q, k and v as the model makes them, views of one (B, T, (N + 2K) * H) buffer: same results
+    as contiguous inputs, forward and backward."""
+    _skip_if_unavailable()
+    N, K, H = 8, 2, 64
+    spec = AttentionSpec(N, K, H, alibi=alibi)
+    fused = torch.randn(3, T, (N + 2 * K) * H, device="cuda").to(torch.bfloat16).requires_grad_()
+    q, k, v = fused.split([N * H, K * H, K * H], dim=-1)
+    views = [q.view(3, T, N, H), k.view(3, T, K, H), v.view(3, T, K, H)]
+    grad = torch.randn(3, T, N, H, device="cuda").to(torch.bfloat16)
+    out = cudnn_backend.CudnnBackend()(*views, spec, ROWS)
+    out.backward(grad)
+    ref, ref_grads = run_attention("eager", spec, [t.detach() for t in views], ROWS, grad)
+    tol = tolerance(torch.bfloat16, "cuda")
+    assert rel_err(out, ref) <= tol
+    for got, want in zip(fused.grad.split([N * H, K * H, K * H], dim=-1), ref_grads):
+        assert rel_err(got.reshape(want.shape), want) <= tol

@@ -61,6 +61,6 @@ class CudnnBackend(Backend):
                 layout = prepare_ragged(spec, None, *q_BTNH.shape[:2], offset_dtype()).to(q_BTNH.device)
             else:
                 return sdpa(q_BTNH, k_BTKH, v_BTKH, spec, None)
-        o_BTNH, _ = ragged_attention(q_BTNH, k_BTKH, v_BTKH, layout.seq_len, layout.q_off, layout.kv_off,
-                                     layout.host_starts, spec.causal, spec.alibi)
+        o_BTNH, _ = ragged_attention(q_BTNH, k_BTKH, v_BTKH, layout.seq_len, layout.starts, layout.host_starts,
+                                     spec.causal, spec.alibi)
         return o_BTNH

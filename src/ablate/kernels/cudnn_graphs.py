@@ -84,6 +84,15 @@ class GraphShape:
     causal: bool
     alibi: bool
     total: int  # packed tokens B*T (only the backward graph depends on it)
+    strides: tuple[int, int, int] = (0, 0, 0)  # q, k, v elements from one token to the next (0: packed)
+
+    def token_stride(self, role: str) -> int:
+        """Elements from one token to the next in the buffer of `role`: q/k/v may be strided views
+        (e.g. of one fused projection); everything else is packed."""
+        index = {"q": 0, "k": 1, "v": 2}.get(role)
+        if index is not None and self.strides[index]:
+            return self.strides[index]
+        return (self.n_kv_heads if role in ("k", "v", "dk", "dv") else self.n_heads) * self.head_dim
 
 
 @dataclass
@@ -98,21 +107,32 @@ def _io_dtype(dtype: torch.dtype):  # noqa: ANN202
     return dt.BFLOAT16 if dtype == torch.bfloat16 else dt.HALF
 
 
+# the ragged-offset tensor of each role: q, k and v may be strided; o, dO and dq are packed with
+# N heads, dk and dv with K heads
+OFFSET_OF = {"q": "q_off", "k": "k_off", "v": "v_off", "o": "o_off", "dO": "o_off", "dq": "o_off",
+             "dk": "kv_off", "dv": "kv_off"}
+
+
+def _strides(s: GraphShape, role: str) -> list[int]:
+    """BSHD strides of the (docs, heads, S, H) view of `role`'s buffer."""
+    w = s.token_stride(role)
+    return [s.seq * w, s.head_dim, w, 1]
+
+
 def _declare_common(g, s: GraphShape, roles: tuple[str, ...]) -> dict[str, Any]:  # noqa: ANN001
-    """Graph inputs: BSHD-strided (docs, heads, S, H) views over packed buffers, ragged offsets."""
+    """Graph inputs: BSHD-strided (docs, heads, S, H) views over the token buffers, ragged offsets."""
     dt = cudnn().data_type
     off_dt = dt.INT64 if offset_dtype() == torch.int64 else dt.INT32
     B, S, D = s.docs, s.seq, s.head_dim
     t: dict[str, Any] = {}
     for name in ("seq_q", "seq_kv"):
         t[name] = g.tensor(name=name, dim=[B, 1, 1, 1], stride=[1, 1, 1, 1], data_type=dt.INT32)
-    for name in ("q_off", "k_off", "v_off", "o_off"):
+    for name in sorted(set(OFFSET_OF.values())):
         t[name] = g.tensor(name=name, dim=[B + 1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=off_dt)
     for role in roles:
         heads = s.n_kv_heads if role in ("k", "v") else s.n_heads
-        t[role] = g.tensor(name=role, dim=[B, heads, S, D], stride=[S * heads * D, D, heads * D, 1],
-                           data_type=_io_dtype(s.dtype))
-        t[role].set_ragged_offset(t[{"k": "k_off", "v": "v_off", "q": "q_off"}.get(role, "o_off")])
+        t[role] = g.tensor(name=role, dim=[B, heads, S, D], stride=_strides(s, role), data_type=_io_dtype(s.dtype))
+        t[role].set_ragged_offset(t[OFFSET_OF[role]])
     return t
 
 
@@ -151,8 +171,8 @@ def _build_fwd(s: GraphShape, handle) -> Plan:  # noqa: ANN001
     o, lse = g.sdpa(name="sdpa", q=t["q"], k=t["k"], v=t["v"], generate_stats=True,
                     seq_len_q=t["seq_q"], seq_len_kv=t["seq_kv"], **_mask_kwargs(s))
     B, N, S, D = s.docs, s.n_heads, s.seq, s.head_dim
-    o.set_output(True).set_dim([B, N, S, D]).set_stride([S * N * D, D, N * D, 1])
-    o.set_ragged_offset(t["o_off"])
+    o.set_output(True).set_dim([B, N, S, D]).set_stride(_strides(s, "o"))
+    o.set_ragged_offset(t[OFFSET_OF["o"]])
     lse.set_output(True).set_data_type(cudnn().data_type.FLOAT)
     lse.set_dim(_stats_tensor(s)["dim"]).set_stride(_stats_tensor(s)["stride"])
     t["o"], t["stats"] = o, lse
@@ -171,10 +191,9 @@ def _build_bwd(s: GraphShape, handle) -> Plan:  # noqa: ANN001
         seq_len_q=t["seq_q"], seq_len_kv=t["seq_kv"], max_total_seq_len_q=total, max_total_seq_len_kv=total,
         **_mask_kwargs(s),
     )
-    for name, tensor, heads, off in (("dq", dq, N, "q_off"), ("dk", dk, s.n_kv_heads, "k_off"),
-                                     ("dv", dv, s.n_kv_heads, "v_off")):
-        tensor.set_output(True).set_dim([B, heads, S, D]).set_stride([S * heads * D, D, heads * D, 1])
-        tensor.set_ragged_offset(t[off])
+    for name, tensor, heads in (("dq", dq, N), ("dk", dk, s.n_kv_heads), ("dv", dv, s.n_kv_heads)):
+        tensor.set_output(True).set_dim([B, heads, S, D]).set_stride(_strides(s, name))
+        tensor.set_ragged_offset(t[OFFSET_OF[name]])
         t[name] = tensor
     BUILDS["bwd"] += 1
     return _finish(g, t)

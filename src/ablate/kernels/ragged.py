@@ -1,9 +1,10 @@
 """Packed documents as one ragged buffer, and one opaque attention op over it.
 
 A batch of B rows of T tokens, whose rows end on document ends, is read as one buffer of B*T
-tokens tiled by its documents. `RaggedLayout` holds, per document, its length and its start as
-element offsets into q/o and k/v (device tensors), plus the starts on the host: a kernel picks its
-compiled graph from host data alone, so nothing waits on the device. The document count is
+tokens tiled by its documents. `RaggedLayout` holds, per document, its length and its first token
+(device tensors), plus the starts on the host: a kernel picks its compiled graph from host data
+alone, so nothing waits on the device. q, k and v may be strided views (the slices of one fused
+projection): the kernel reads them in place, with offsets scaled by each one's token stride. The document count is
 rounded up to a bucket (zero-length documents pad it), and marked dynamic for torch.compile, so a
 new batch neither rebuilds a kernel graph nor recompiles the training step.
 
@@ -41,12 +42,11 @@ def seq_bucket(longest: int, row_len: int) -> int:
 @dataclass
 class RaggedLayout(Layout):
     seq_len: torch.Tensor  # (docs,) int32, zero-length documents pad to the bucket
-    q_off: torch.Tensor  # (docs + 1,) offsets of each document's first element in q / o
-    kv_off: torch.Tensor  # (docs + 1,) the same in k / v
-    host_starts: torch.Tensor  # (docs + 1,) int64 on the host: document starts, in tokens
+    starts: torch.Tensor  # (docs + 1,) each document's first token (kernel offsets are multiples of it)
+    host_starts: torch.Tensor  # (docs + 1,) int64 on the host: the same
 
     def finish(self, device: torch.device) -> "RaggedLayout":
-        for t in (self.seq_len, self.q_off, self.kv_off, self.host_starts):
+        for t in (self.seq_len, self.starts, self.host_starts):
             torch._dynamo.maybe_mark_dynamic(t, 0)  # the document count varies by batch
         return self
 
@@ -57,14 +57,9 @@ def prepare_ragged(spec: AttentionSpec, doc_lens: DocLens | None, n_rows: int, r
         check_doc_lens(doc_lens, n_rows, row_len)
     lens = flat_doc_lens(doc_lens, n_rows, row_len)
     lens = np.array(lens + [0] * (doc_bucket(len(lens)) - len(lens)), dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lens)])
-    as_tensor = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)  # noqa: E731
-    return RaggedLayout(
-        seq_len=as_tensor(lens, torch.int32),
-        q_off=as_tensor(starts * spec.n_heads * spec.head_dim, offset_dtype),
-        kv_off=as_tensor(starts * spec.n_kv_heads * spec.head_dim, offset_dtype),
-        host_starts=torch.from_numpy(starts),
-    )
+    starts = torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]))
+    return RaggedLayout(seq_len=torch.from_numpy(lens).to(torch.int32), starts=starts.to(offset_dtype),
+                        host_starts=starts)
 
 
 def _stats_seq(host_starts: torch.Tensor, row_len: int) -> int:
@@ -72,18 +67,17 @@ def _stats_seq(host_starts: torch.Tensor, row_len: int) -> int:
 
 
 @torch.library.custom_op("ablate::ragged_attention", mutates_args=())
-def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: torch.Tensor, q_off: torch.Tensor,
-                     kv_off: torch.Tensor, host_starts: torch.Tensor, causal: bool,
-                     alibi: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: torch.Tensor, starts: torch.Tensor,
+                     host_starts: torch.Tensor, causal: bool, alibi: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """q_BTNH, k_BTKH, v_BTKH over the documents of the layout -> (o_BTNH, float32 softmax stats
     packed at the start of a (docs * N * T,) buffer)."""
     if q.is_cuda:
-        return _cudnn_forward(q, k, v, seq_len, q_off, kv_off, host_starts, causal, alibi)
+        return _cudnn_forward(q, k, v, seq_len, starts, host_starts, causal, alibi)
     return _reference_forward(q, k, v, host_starts, causal, alibi)
 
 
 @ragged_attention.register_fake
-def _(q, k, v, seq_len, q_off, kv_off, host_starts, causal, alibi):  # noqa: ANN001, ANN202
+def _(q, k, v, seq_len, starts, host_starts, causal, alibi):  # noqa: ANN001, ANN202
     B, T, N, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         q.new_empty(seq_len.shape[0] * N * T, dtype=torch.float32)
@@ -91,30 +85,30 @@ def _(q, k, v, seq_len, q_off, kv_off, host_starts, causal, alibi):  # noqa: ANN
 
 @torch.library.custom_op("ablate::ragged_attention_backward", mutates_args=())
 def ragged_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                              stats: torch.Tensor, seq_len: torch.Tensor, q_off: torch.Tensor, kv_off: torch.Tensor,
+                              stats: torch.Tensor, seq_len: torch.Tensor, starts: torch.Tensor,
                               host_starts: torch.Tensor, causal: bool,
                               alibi: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if q.is_cuda:
-        return _cudnn_backward(do, q, k, v, o, stats, seq_len, q_off, kv_off, host_starts, causal, alibi)
+        return _cudnn_backward(do, q, k, v, o, stats, seq_len, starts, host_starts, causal, alibi)
     return _reference_backward(do, q, k, v, host_starts, causal, alibi)
 
 
 @ragged_attention_backward.register_fake
-def _(do, q, k, v, o, stats, seq_len, q_off, kv_off, host_starts, causal, alibi):  # noqa: ANN001, ANN202
+def _(do, q, k, v, o, stats, seq_len, starts, host_starts, causal, alibi):  # noqa: ANN001, ANN202
     like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
     return like(q), like(k), like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-    q, k, v, seq_len, q_off, kv_off, host_starts, causal, alibi = inputs
+    q, k, v, seq_len, starts, host_starts, causal, alibi = inputs
     o, stats = output
-    ctx.save_for_backward(q, k, v, o, stats, seq_len, q_off, kv_off, host_starts)
+    ctx.save_for_backward(q, k, v, o, stats, seq_len, starts, host_starts)
     ctx.flags = (causal, alibi)
 
 
 def _backward(ctx, do, dstats):  # noqa: ANN001, ANN202
     dq, dk, dv = ragged_attention_backward(do, *ctx.saved_tensors, *ctx.flags)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 ragged_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -123,39 +117,58 @@ ragged_attention.register_autograd(_backward, setup_context=_setup_context)
 # ---- CUDA: cuDNN
 
 
+def _token_stride(t: torch.Tensor) -> int:
+    """The elements between consecutive tokens of a (B, T, heads, H) tensor whose tokens are evenly
+    spaced with packed heads (a view of a fused projection, or contiguous), else 0."""
+    B, T, heads, H = t.shape
+    if t.stride(3) == 1 and t.stride(2) == H and t.stride(0) == T * t.stride(1):
+        return t.stride(1)
+    return 0
+
+
+def _in_place(*ts: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+    """q, k, v as the kernel reads them: in place when evenly strided, else a packed copy."""
+    ts = [t if _token_stride(t) else t.contiguous() for t in ts]
+    return ts, tuple(_token_stride(t) for t in ts)
+
+
 def _graph_shape(q: torch.Tensor, k: torch.Tensor, seq_len: torch.Tensor, host_starts: torch.Tensor,
-                 causal: bool, alibi: bool):  # noqa: ANN202
+                 causal: bool, alibi: bool, strides: tuple[int, ...]):  # noqa: ANN202
     from ablate.kernels.cudnn_graphs import GraphShape
 
     B, T, N, H = q.shape
     return GraphShape(device=q.device.index if q.device.index is not None else torch.cuda.current_device(),
                       docs=seq_len.shape[0], seq=_stats_seq(host_starts, T), n_heads=N, n_kv_heads=k.shape[2],
-                      head_dim=H, dtype=q.dtype, causal=causal, alibi=alibi, total=B * T)
+                      head_dim=H, dtype=q.dtype, causal=causal, alibi=alibi, total=B * T, strides=strides)
 
 
-def _layout_data(seq_len, q_off, kv_off) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    return {"seq_q": seq_len, "seq_kv": seq_len, "q_off": q_off, "o_off": q_off, "k_off": kv_off, "v_off": kv_off}
+def _layout_data(s, seq_len: torch.Tensor, starts: torch.Tensor) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """Document lengths, and each buffer's document offsets: starts times its token stride."""
+    offsets = {"q_off": s.token_stride("q"), "k_off": s.token_stride("k"), "v_off": s.token_stride("v"),
+               "o_off": s.token_stride("o"), "kv_off": s.token_stride("dk")}
+    return {"seq_q": seq_len, "seq_kv": seq_len, **{name: starts * w for name, w in offsets.items()}}
 
 
-def _cudnn_forward(q, k, v, seq_len, q_off, kv_off, host_starts, causal, alibi):  # noqa: ANN001, ANN202
+def _cudnn_forward(q, k, v, seq_len, starts, host_starts, causal, alibi):  # noqa: ANN001, ANN202
     from ablate.kernels.cudnn_graphs import execute
 
-    s = _graph_shape(q, k, seq_len, host_starts, causal, alibi)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o = torch.empty_like(q)
+    (q, k, v), strides = _in_place(q, k, v)
+    s = _graph_shape(q, k, seq_len, host_starts, causal, alibi, strides)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     stats = torch.empty(s.docs * s.n_heads * q.shape[1], dtype=torch.float32, device=q.device)
-    execute("fwd", s, {**_layout_data(seq_len, q_off, kv_off), "q": q, "k": k, "v": v, "o": o, "stats": stats},
-            q.device)
+    execute("fwd", s, {**_layout_data(s, seq_len, starts), "q": q, "k": k, "v": v, "o": o, "stats": stats}, q.device)
     return o, stats
 
 
-def _cudnn_backward(do, q, k, v, o, stats, seq_len, q_off, kv_off, host_starts, causal, alibi):  # noqa: ANN001, ANN202
+def _cudnn_backward(do, q, k, v, o, stats, seq_len, starts, host_starts, causal, alibi):  # noqa: ANN001, ANN202
     from ablate.kernels.cudnn_graphs import execute
 
-    s = _graph_shape(q, k, seq_len, host_starts, causal, alibi)
-    q, k, v, o, do = (t.contiguous() for t in (q, k, v, o, do))
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    execute("bwd", s, {**_layout_data(seq_len, q_off, kv_off), "q": q, "k": k, "v": v, "o": o, "dO": do,
+    (q, k, v), strides = _in_place(q, k, v)
+    s = _graph_shape(q, k, seq_len, host_starts, causal, alibi, strides)
+    o, do = o.contiguous(), do.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
+    execute("bwd", s, {**_layout_data(s, seq_len, starts), "q": q, "k": k, "v": v, "o": o, "dO": do,
                        "stats": stats, "dq": dq, "dk": dk, "dv": dv}, q.device)
     return dq, dk, dv
 

@@ -55,6 +55,13 @@ def fused_gqa(device: str, dtype: torch.dtype, head_dim: int, masked: bool, caus
     return any(check(params) for check in checks)
 
 
+@torch.compiler.assume_constant_result
+def kv_needs_repeat(device: str, dtype: torch.dtype, head_dim: int, masked: bool, causal: bool) -> bool:
+    """Whether a GQA call on this CUDA device must repeat K/V (a constant to torch.compile, which
+    cannot trace the kernel-capability probe)."""
+    return not fused_gqa(device, dtype, head_dim, masked, causal)
+
+
 def repeat_heads(x_BKTH: torch.Tensor, groups: int) -> torch.Tensor:
     """(B, K, T, H) -> (B, K*groups, T, H), each kv head repeated for its query heads (a copy)."""
     B, K, T, H = x_BKTH.shape
@@ -66,7 +73,7 @@ def sdpa(q_BTNH, k_BTKH, v_BTKH, spec: AttentionSpec, mask: torch.Tensor | None)
     H = q_BTNH.shape[-1]
     q_BNTH, k_BKTH, v_BKTH = (t.transpose(1, 2) for t in (q_BTNH, k_BTKH, v_BTKH))
     gqa = spec.groups > 1
-    if gqa and q_BTNH.is_cuda and not fused_gqa(str(q_BTNH.device), q_BTNH.dtype, H, mask is not None, spec.causal):
+    if gqa and q_BTNH.is_cuda and kv_needs_repeat(str(q_BTNH.device), q_BTNH.dtype, H, mask is not None, spec.causal):
         k_BKTH, v_BKTH = repeat_heads(k_BKTH, spec.groups), repeat_heads(v_BKTH, spec.groups)
         gqa = False
     o_BNTH = F.scaled_dot_product_attention(q_BNTH, k_BKTH, v_BKTH, attn_mask=mask,

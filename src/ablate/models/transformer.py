@@ -77,6 +77,10 @@ class LanguageModel(Component, nn.Module):
         self.norm = NORMS.build(cfg.norm.name, cfg)
         self.head = nn.Linear(m.d_model, padded_vocab, bias=False)
         self.spec = self.spec_for(cfg)
+        # the head is padded to a multiple of 64 (faster matmuls); the loss gives padding ids no mass
+        pad = torch.zeros(padded_vocab)
+        pad[vocab_size:] = float("-inf")
+        self.register_buffer("vocab_pad", pad, persistent=False)
         self._init(m.init_std, m.n_layers)
         if m.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -108,6 +112,10 @@ class LanguageModel(Component, nn.Module):
                 doc_lens: DocLens | None = None, layout: Layout | None = None) -> torch.Tensor:
         """Logits (B, T, vocab). Documents (`doc_lens`, or a prepared `layout`) never see each other;
         positions default to restarting at each document."""
+        return self.padded_logits(tokens_BT, positions_BT, doc_lens, layout)[..., : self.vocab_size]
+
+    def padded_logits(self, tokens_BT: torch.Tensor, positions_BT: torch.Tensor | None = None,
+                      doc_lens: DocLens | None = None, layout: Layout | None = None) -> torch.Tensor:
         B, T = tokens_BT.shape
         if self.max_length is not None and T > self.max_length:
             raise ValueError(f"a row of {T} tokens is longer than the {self.max_length} positions this model's "
@@ -121,13 +129,13 @@ class LanguageModel(Component, nn.Module):
         rotation = self.positions.rotation(positions_BT)
         for block in self.blocks:
             x_BTD = block(x_BTD, self.positions, rotation, layout)
-        return self.head(self.norm(x_BTD))[..., : self.vocab_size]
+        return self.head(self.norm(x_BTD))
 
     def loss(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor, positions_BT: torch.Tensor | None = None,
              doc_lens: DocLens | None = None, layout: Layout | None = None, reduction: str = "mean") -> torch.Tensor:
-        logits = self(tokens_BT, positions_BT, doc_lens, layout)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets_BT.flatten(), ignore_index=-100,
-                               reduction=reduction)
+        """Cross-entropy over the vocabulary (float32 softmax); targets -100 are ignored."""
+        logits = self.padded_logits(tokens_BT, positions_BT, doc_lens, layout).float() + self.vocab_pad
+        return F.cross_entropy(logits.flatten(0, 1), targets_BT.flatten(), ignore_index=-100, reduction=reduction)
 
 
 def count_params(model: LanguageModel, non_embedding: bool = False) -> int:
