@@ -84,14 +84,9 @@ class GraphShape:
     causal: bool
     alibi: bool
     total: int  # packed tokens B*T (only the backward graph depends on it)
-    strides: tuple[int, int, int] = (0, 0, 0)  # q, k, v elements from one token to the next (0: packed)
 
     def token_stride(self, role: str) -> int:
-        """Elements from one token to the next in the buffer of `role`: q/k/v may be strided views
-        (e.g. of one fused projection); everything else is packed."""
-        index = {"q": 0, "k": 1, "v": 2}.get(role)
-        if index is not None and self.strides[index]:
-            return self.strides[index]
+        """Elements from one token to the next in the (packed) buffer of `role`."""
         return (self.n_kv_heads if role in ("k", "v", "dk", "dv") else self.n_heads) * self.head_dim
 
 
@@ -107,9 +102,8 @@ def _io_dtype(dtype: torch.dtype):  # noqa: ANN202
     return dt.BFLOAT16 if dtype == torch.bfloat16 else dt.HALF
 
 
-# the ragged-offset tensor of each role: q, k and v may be strided; o, dO and dq are packed with
-# N heads, dk and dv with K heads
-OFFSET_OF = {"q": "q_off", "k": "k_off", "v": "v_off", "o": "o_off", "dO": "o_off", "dq": "o_off",
+# the ragged-offset tensor of each role: buffers of N heads share one, buffers of K heads another
+OFFSET_OF = {"q": "q_off", "o": "q_off", "dO": "q_off", "dq": "q_off", "k": "kv_off", "v": "kv_off",
              "dk": "kv_off", "dv": "kv_off"}
 
 

@@ -117,43 +117,27 @@ ragged_attention.register_autograd(_backward, setup_context=_setup_context)
 # ---- CUDA: cuDNN
 
 
-def _token_stride(t: torch.Tensor) -> int:
-    """The elements between consecutive tokens of a (B, T, heads, H) tensor whose tokens are evenly
-    spaced with packed heads (a view of a fused projection, or contiguous), else 0."""
-    B, T, heads, H = t.shape
-    if t.stride(3) == 1 and t.stride(2) == H and t.stride(0) == T * t.stride(1):
-        return t.stride(1)
-    return 0
-
-
-def _in_place(*ts: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, ...]]:
-    """q, k, v as the kernel reads them: in place when evenly strided, else a packed copy."""
-    ts = [t if _token_stride(t) else t.contiguous() for t in ts]
-    return ts, tuple(_token_stride(t) for t in ts)
-
-
 def _graph_shape(q: torch.Tensor, k: torch.Tensor, seq_len: torch.Tensor, host_starts: torch.Tensor,
-                 causal: bool, alibi: bool, strides: tuple[int, ...]):  # noqa: ANN202
+                 causal: bool, alibi: bool):  # noqa: ANN202
     from ablate.kernels.cudnn_graphs import GraphShape
 
     B, T, N, H = q.shape
     return GraphShape(device=q.device.index if q.device.index is not None else torch.cuda.current_device(),
                       docs=seq_len.shape[0], seq=_stats_seq(host_starts, T), n_heads=N, n_kv_heads=k.shape[2],
-                      head_dim=H, dtype=q.dtype, causal=causal, alibi=alibi, total=B * T, strides=strides)
+                      head_dim=H, dtype=q.dtype, causal=causal, alibi=alibi, total=B * T)
 
 
 def _layout_data(s, seq_len: torch.Tensor, starts: torch.Tensor) -> dict[str, torch.Tensor]:  # noqa: ANN001
     """Document lengths, and each buffer's document offsets: starts times its token stride."""
-    offsets = {"q_off": s.token_stride("q"), "k_off": s.token_stride("k"), "v_off": s.token_stride("v"),
-               "o_off": s.token_stride("o"), "kv_off": s.token_stride("dk")}
+    offsets = {"q_off": s.token_stride("q"), "kv_off": s.token_stride("k")}
     return {"seq_q": seq_len, "seq_kv": seq_len, **{name: starts * w for name, w in offsets.items()}}
 
 
 def _cudnn_forward(q, k, v, seq_len, starts, host_starts, causal, alibi):  # noqa: ANN001, ANN202
     from ablate.kernels.cudnn_graphs import execute
 
-    (q, k, v), strides = _in_place(q, k, v)
-    s = _graph_shape(q, k, seq_len, host_starts, causal, alibi, strides)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # cuDNN's ragged layout needs packed tokens
+    s = _graph_shape(q, k, seq_len, host_starts, causal, alibi)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     stats = torch.empty(s.docs * s.n_heads * q.shape[1], dtype=torch.float32, device=q.device)
     execute("fwd", s, {**_layout_data(s, seq_len, starts), "q": q, "k": k, "v": v, "o": o, "stats": stats}, q.device)
@@ -163,9 +147,8 @@ def _cudnn_forward(q, k, v, seq_len, starts, host_starts, causal, alibi):  # noq
 def _cudnn_backward(do, q, k, v, o, stats, seq_len, starts, host_starts, causal, alibi):  # noqa: ANN001, ANN202
     from ablate.kernels.cudnn_graphs import execute
 
-    (q, k, v), strides = _in_place(q, k, v)
-    s = _graph_shape(q, k, seq_len, host_starts, causal, alibi, strides)
-    o, do = o.contiguous(), do.contiguous()
+    q, k, v, o, do = (t.contiguous() for t in (q, k, v, o, do))
+    s = _graph_shape(q, k, seq_len, host_starts, causal, alibi)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
     execute("bwd", s, {**_layout_data(s, seq_len, starts), "q": q, "k": k, "v": v, "o": o, "dO": do,
