@@ -110,22 +110,22 @@ def time_attention(attend: Callable[..., torch.Tensor], spec: AttentionSpec, B: 
     return time_ms(step, device, warmup, reps)
 
 
-def measure(name: str, cell_name: str, cell: Cell, spec: AttentionSpec, doc_lens: DocLens | None, B: int,
-            T: int, sizes: Sizes) -> Result:
-    """One backend on one cell and pass; its layout is prepared before the timed calls."""
-    pass_ = "fwdbwd" if cell.backward else "fwd"
-    result = Result(cell_name, name, pass_)
+def backend_attend(name: str, spec: AttentionSpec, doc_lens: DocLens | None, B: int, T: int,
+                   device: str) -> Callable[..., torch.Tensor]:
+    """`attend(q, k, v)` of a backend on this batch, its layout prepared (and moved) now, once."""
     backend = get_backend(name)
-    reason = backend.why_not(cell)
-    if reason:
-        result.note = f"refused: {reason}"
-        return result
+    layout = backend.prepare(spec, doc_lens, B, T)
+    layout = layout.to(device) if layout is not None else None
+    return lambda q, k, v: backend.attend(q, k, v, spec, layout)
+
+
+def timed(result: Result, make_attend: Callable[[], Callable[..., torch.Tensor]], spec: AttentionSpec,
+          doc_lens: DocLens | None, B: int, T: int, cell: Cell, sizes: Sizes) -> Result:
+    """`result` with the time, TFLOP/s and peak memory of the function `make_attend()` returns, or
+    with a note saying why it failed (preparation included)."""
     try:
-        layout = backend.prepare(spec, doc_lens, B, T)
-        layout = layout.to(cell.device) if layout is not None else None
-        result.ms, result.peak_bytes = time_attention(
-            lambda q, k, v: backend.attend(q, k, v, spec, layout), spec, B, T, cell.device, cell.dtype,
-            cell.backward, sizes.warmup, sizes.reps)
+        result.ms, result.peak_bytes = time_attention(make_attend(), spec, B, T, cell.device, cell.dtype,
+                                                      cell.backward, sizes.warmup, sizes.reps)
         result.tflops = attention_flops(spec, doc_lens, B, T, cell.backward) / (result.ms * 1e-3) / 1e12
     except torch.OutOfMemoryError:
         result.note = "failed: out of memory"
@@ -135,6 +135,18 @@ def measure(name: str, cell_name: str, cell: Cell, spec: AttentionSpec, doc_lens
         if cell.device == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def measure(name: str, cell_name: str, cell: Cell, spec: AttentionSpec, doc_lens: DocLens | None, B: int,
+            T: int, sizes: Sizes) -> Result:
+    """One backend on one cell and pass, or the reason it refuses the cell."""
+    result = Result(cell_name, name, "fwdbwd" if cell.backward else "fwd")
+    reason = get_backend(name).why_not(cell)
+    if reason:
+        result.note = f"refused: {reason}"
+        return result
+    return timed(result, lambda: backend_attend(name, spec, doc_lens, B, T, cell.device), spec, doc_lens, B, T,
+                 cell, sizes)
 
 
 def bench(device: str, dtype: torch.dtype, sizes: Sizes, backends: list[str] | None = None,
@@ -186,11 +198,11 @@ def format_results(results: list[Result], picks: dict[tuple[str, str], str], hea
 
 
 def log_mlflow(uri: str, results: list[Result], picks: dict[tuple[str, str], str], table: str,
-               params: dict[str, object]) -> str:
+               params: dict[str, object], name: str = "kernels") -> str:
     from ablate.tracking.mlflow import MlflowTracker
 
-    tracker = MlflowTracker(uri, "kernel-bench", f"kernels-{params['device']}-{params['dtype']}",
-                            {f"auto/{cell}/{p}": name[:250] for (cell, p), name in picks.items()})
+    tracker = MlflowTracker(uri, "kernel-bench", f"{name}-{params['device']}-{params['dtype']}",
+                            {f"auto/{cell}/{p}": pick[:250] for (cell, p), pick in picks.items()})
     metrics = {}
     for r in results:
         if r.tflops is not None:
@@ -225,8 +237,8 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     return replace(PRESETS[(args.device, args.quick)], **given)
 
 
-def main(argv: list[str] | None = None) -> list[Result]:
-    p = parser()
+def settings(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Sizes, torch.dtype]:
+    """The parsed options, the sizes and the dtype; bad input ends here, before any compute."""
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible; use --device cpu")
@@ -234,8 +246,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
         sizes = sizes_from(args)
     except ValueError as err:
         p.error(str(err))
-    dtype = DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
-    results, picks = bench(args.device, dtype, sizes, args.backends, args.cells, args.seed)
+    return args, sizes, DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
+
+
+def publish(args: argparse.Namespace, sizes: Sizes, dtype: torch.dtype, results: list[Result],
+            picks: dict[tuple[str, str], str], name: str = "kernels") -> str:
+    """Print the table, and log it to MLflow where --tracking-uri says; returns the table."""
     where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     header = f"Attention kernels on {where}, {str(dtype).replace('torch.', '')}, torch {torch.__version__}; {sizes}"
     if args.device == "cpu":
@@ -245,10 +261,17 @@ def main(argv: list[str] | None = None) -> list[Result]:
     if args.tracking_uri:
         params = {"device": args.device, "dtype": str(dtype).replace("torch.", ""), "quick": args.quick,
                   "seed": args.seed, "torch": torch.__version__, **asdict(sizes)}
-        run_id = log_mlflow(args.tracking_uri, results, picks, table, params)
+        run_id = log_mlflow(args.tracking_uri, results, picks, table, params, name)
         print(f"\nlogged to MLflow run {run_id} at {args.tracking_uri}")
     else:
         print("\n(not logged to MLflow: pass --tracking-uri or set MLFLOW_TRACKING_URI)")
+    return table
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    args, sizes, dtype = settings(parser(), argv)
+    results, picks = bench(args.device, dtype, sizes, args.backends, args.cells, args.seed)
+    publish(args, sizes, dtype, results, picks)
     return results
 
 
