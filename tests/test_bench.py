@@ -79,3 +79,16 @@ def test_command_line_sizes_and_mlflow_run(tmp_path, capsys):
     assert not any("xformers" in key for key in run.data.metrics)  # refused: no figure
     assert run.data.tags["auto/dense_causal/fwd"] == "sdpa" and run.data.params["packed_len"] == "32"
     assert "kernel_bench.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.cuda
+def test_cuda_bench_runs_every_served_backend_and_auto_picks_one_that_ran():
+    sizes = Sizes(rows=2, row_len=1024, packed_rows=1, packed_len=2048, heads=8, kv_heads=2, head_dim=64,
+                  doc_min=32, doc_max=512, window=256, warmup=2, reps=3)
+    results, picks = bench("cuda", torch.bfloat16, sizes)
+    failed = [(r.cell, r.backend, r.pass_, r.note) for r in results if r.note and not r.note.startswith("refused")]
+    assert not failed
+    ran = {(r.cell, r.backend, r.pass_) for r in results if r.tflops is not None}
+    assert all((cell, name, pass_) in ran for (cell, pass_), name in picks.items())
+    assert all(r.peak_bytes is not None for r in results if r.tflops is not None)
+    assert ("dense_causal", "xformers", "fwdbwd") in ran and ("alibi_causal", "xformers", "fwd") in ran
