@@ -115,7 +115,8 @@ class Tour:
         ok = self.check(f"{label}_out", c.errors["out"], c.tol, shown=shown, text=f"rel {c.errors['out']:.2e}")
         grads = [c.errors[g] for g in ("dq", "dk", "dv") if g in c.errors]
         if grads:
-            ok &= self.check(f"{label}_grad", max(grads), c.tol, shown=f"{shown} dq,dk,dv", text=f"rel {max(grads):.2e}")
+            ok &= self.check(f"{label}_grad", max(grads), c.tol, shown=f"{shown} dq,dk,dv",
+                             text=f"rel {max(grads):.2e}")
         return ok
 
     def summary(self) -> int:

@@ -34,7 +34,8 @@ def _mask_agrees(tour: Tour, xformers_mask: torch.Tensor, spec: AttentionSpec, d
                  length: int) -> None:
     """xformers' materialized mask (0 / -inf) against the project's allowed_mask, entry by entry."""
     doc_BT = None if doc_lens is None else torch.from_numpy(document_ids(doc_lens, 1, length))
-    differ = int((allowed_mask(spec, doc_BT, length, "cpu")[0, 0] != (xformers_mask.reshape(length, length) == 0)).sum())
+    ours = allowed_mask(spec, doc_BT, length, "cpu")[0, 0]
+    differ = int((ours != (xformers_mask.reshape(length, length) == 0)).sum())
     tour.check("mask", differ, 0, scaled=False, shown="mask (entries that differ)", text=str(differ))
 
 

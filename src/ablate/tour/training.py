@@ -83,7 +83,8 @@ def training(tour: Tour) -> None:
                text=f"{first:.3f} -> {last:.3f} (x{last / first:.2f})")
     perf = getattr(trainer, "last_perf", {})
     mfu = f", MFU {perf['perf/mfu']:.1%}" if "perf/mfu" in perf else ""
-    tour.say(f"  val/loss {result.get('val/loss', float('nan')):.3f}, val/bpb {result.get('val/bpb', float('nan')):.3f}; "
+    nan = float("nan")
+    tour.say(f"  val/loss {result.get('val/loss', nan):.3f}, val/bpb {result.get('val/bpb', nan):.3f}; "
              f"{perf.get('perf/tokens_per_s', 0):,.0f} tokens/s (last {t.log_every} steps){mfu}, {seconds:.1f} s "
              f"in all; {'peak allocated' if tour.cuda else 'process peak resident'} memory "
              f"{perf.get('perf/peak_mem_gib', 0):.2f} GiB; {trainer.meter.flops_per_token() / 1e6:.1f} MFLOP "
