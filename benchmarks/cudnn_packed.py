@@ -1,160 +1,57 @@
-"""Packed-document causal attention, side by side: cuDNN (ablate's cudnn backend), xformers,
-flex_attention (compiled, document block mask) and torch varlen attention; then packed ALiBi,
-cuDNN against flex (score_mod).
+"""Packed rows: the cudnn backend (cuDNN's ragged SDPA) against the other packed-document kernels.
 
-One row of T=32768 tokens holding 31 documents of 64..2048 tokens, 16 heads x 128, bf16.
-TFLOP/s count only the causal in-document work: for each document of L tokens,
-fwd = 2 matmuls x 2 FLOP x heads x head_dim x L(L+1)/2; bwd = 2.5 x fwd, so fwd+bwd = 3.5 x fwd.
+Packed causal attention: cudnn, xformers (BlockDiagonalCausalMask) and flex (document block mask),
+each through the project's backend, and torch's varlen_attn on the same documents; then packed
+causal ALiBi: cudnn against flex (an ALiBi score_mod). Then the ratios cudnn / other, and how far
+each output is from cudnn's on the same inputs (max|o - o_cudnn| / max|o_cudnn|).
 
-    python benchmarks/cudnn_packed.py [--iters 30] [--sweep] [--profile cudnn xformers]
+    python benchmarks/cudnn_packed.py [--profile cudnn xformers] [options of python -m ablate.bench.kernels]
 
---sweep times the cudnn backend under the four static layouts (max length S = row length or the
-power-of-two bucket of the longest document; document count exact or bucketed) and prints the
-workspace each cached graph asked for.
+This is `python -m ablate.bench.kernels` on its packed cells, with the same sizes (on CUDA: one row
+of 32768 tokens, documents of 64..2048 tokens, 16 heads x 128, bf16; `--packed-len`, `--doc-max`,
+... change them), timer, FLOP count and MLflow logging (--tracking-uri). --profile prints the
+kernels that a method's forward+backward spends its device time in.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import inspect
-import random
-import statistics
-import time
+import os
+from typing import Callable
 
+import numpy as np
 import torch
 
-T, N_HEADS, HEAD_DIM, N_DOCS, MIN_LEN, MAX_LEN = 32768, 16, 128, 31, 64, 2048
-FWD_BWD_FACTOR = 3.5  # fwd + bwd, bwd = 2.5 x fwd
-DTYPE = torch.bfloat16
+from ablate.bench.kernels import CELLS as ALL_CELLS
+from ablate.bench.kernels import (
+    PASSES,
+    Result,
+    add_ratios,
+    backend_attend,
+    bench,
+    parser,
+    problem,
+    publish,
+    settings,
+    time_attention,
+    timed,
+)
+from ablate.bench.toolkit import rel_err
+from ablate.kernels import get_backend, standard_cells
+from ablate.kernels.spec import flat_doc_lens
+
+CELLS = ["packed_causal", "alibi_packed"]
+BACKENDS = ["cudnn", "xformers", "flex"]
+RATIOS = [("packed_causal", "xformers"), ("packed_causal", "varlen"), ("packed_causal", "flex"),
+          ("alibi_packed", "flex")]
+Attend = Callable[..., torch.Tensor]
 
 
-def doc_lengths(seed: int = 0) -> list[int]:
-    """N_DOCS lengths in [MIN_LEN, MAX_LEN] summing to T (deterministic)."""
-    rng = random.Random(seed)
-    lens = [rng.randint(MIN_LEN, MAX_LEN) for _ in range(N_DOCS)]
-    while sum(lens) != T:
-        i = rng.randrange(N_DOCS)
-        step = 1 if sum(lens) < T else -1
-        if MIN_LEN <= lens[i] + step <= MAX_LEN:
-            lens[i] += step
-    return lens
-
-
-def fwd_flops(lens: list[int]) -> float:
-    return sum(2 * 2 * N_HEADS * HEAD_DIM * n * (n + 1) / 2 for n in lens)
-
-
-def timed(fn, iters: int, warmup: int = 5, repeats: int = 3) -> tuple[float, float]:
-    """(GPU ms, host ms) per call: the median over repeats of CUDA-event time around `iters` calls,
-    and the host time to issue them. Host ms close to GPU ms means the loop is launch-bound."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    gpu, host = [], []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        host.append((time.perf_counter() - t0) * 1e3 / iters)
-        end.record()
-        torch.cuda.synchronize()
-        gpu.append(start.elapsed_time(end) / iters)
-    return statistics.median(gpu), statistics.median(host)
-
-
-def profile(name: str, fn, iters: int = 3) -> None:
-    """Per-kernel device time of `iters` calls, to see where a method's time goes."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    fn()
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    table = prof.key_averages()
-    for key in ("self_device_time_total", "self_cuda_time_total"):
-        try:
-            text = table.table(sort_by=key, row_limit=14, max_name_column_width=70)
-            break
-        except (AttributeError, KeyError, ValueError):
-            continue
-    print(f"--- profile: {name}, {iters} x fwd+bwd ---\n{text}")
-
-
-def fwd_and_fwd_bwd(attn, q, k, v, do):
-    """(fwd callable, fwd+bwd callable) for attn(q, k, v) -> o with o shaped like do."""
-    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-
-    def fwd():
-        with torch.no_grad():
-            attn(q, k, v)
-
-    def fwd_bwd():
-        for x in leaves:
-            x.grad = None
-        attn(*leaves).backward(do)
-
-    return fwd, fwd_bwd
-
-
-# ------------------------------------------------------------------------------------ methods
-
-
-def cudnn_method(lens, alibi: bool):
-    from ablate.kernels.cudnn import CudnnBackend
-    from ablate.kernels.spec import AttentionSpec, alibi_slopes
-
-    backend = CudnnBackend()
-    reason = backend.unavailable()
-    if reason:
-        raise RuntimeError(reason)
-    spec = AttentionSpec(
-        n_heads=N_HEADS, n_kv_heads=N_HEADS, head_dim=HEAD_DIM, doc_lens=(tuple(lens),),
-        alibi_slopes=alibi_slopes(N_HEADS) if alibi else None,
-    )
-    return "BTNH", lambda q, k, v: backend.attend(q, k, v, spec)
-
-
-def xformers_method(lens):
-    import xformers.ops as xops
-    from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
-
-    bias = BlockDiagonalCausalMask.from_seqlens(lens)
-    return "BTNH", lambda q, k, v: xops.memory_efficient_attention(q, k, v, attn_bias=bias)
-
-
-def flex_method(lens, alibi: bool):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    doc = torch.repeat_interleave(torch.arange(len(lens), device="cuda"), torch.tensor(lens, device="cuda"))
-
-    def doc_causal(b, h, q_idx, kv_idx):
-        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
-
-    block_mask = create_block_mask(doc_causal, None, None, T, T, device="cuda")
-    compiled = torch.compile(flex_attention, dynamic=False)
-    if not alibi:
-        return "BNTH", lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
-    from ablate.kernels.spec import alibi_slopes
-
-    slopes = alibi_slopes(N_HEADS).cuda()
-
-    def alibi_mod(score, b, h, q_idx, kv_idx):
-        return score - slopes[h] * (q_idx - kv_idx)
-
-    return "BNTH", lambda q, k, v: compiled(q, k, v, score_mod=alibi_mod, block_mask=block_mask)
-
-
-def varlen_method(lens):
+def varlen_attend(doc_lens, B: int, T: int, device: str) -> Attend:  # noqa: ANN001
+    """torch's varlen_attn over the batch's documents (causal), as attend(q_BTNH, k_BTKH, v_BTKH)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError as err:
         raise RuntimeError(f"torch {torch.__version__} has no torch.nn.attention.varlen") from err
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
     params = inspect.signature(varlen_attn).parameters
     if "is_causal" in params:
         causal = {"is_causal": True}
@@ -162,117 +59,91 @@ def varlen_method(lens):
         causal = {"window_size": (-1, 0)}
     else:
         raise RuntimeError(f"varlen_attn{inspect.signature(varlen_attn)}: no causal argument")
-    longest = max(lens)
-    return "TNH", lambda q, k, v: varlen_attn(q, k, v, cu, cu, longest, longest, **causal)
+    lens = flat_doc_lens(doc_lens, B, T)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device=device)
+
+    def attend(q, k, v):  # noqa: ANN001, ANN202 - the rows flattened to one (B*T, heads, H) buffer
+        flat = [t.reshape(B * T, *t.shape[2:]) for t in (q, k, v)]
+        return varlen_attn(*flat, cu, cu, max(lens), max(lens), **causal).view(q.shape)
+
+    return attend
 
 
-# ------------------------------------------------------------------------------------ driver
+def methods(cell_name: str, cell, names: list[str], sizes, seed: int):  # noqa: ANN001, ANN201
+    """The cell's problem, and {method: a function that prepares its attend(q, k, v)}."""
+    spec, doc_lens, B, T = problem(cell, sizes, seed)
+    made = {name: (lambda name=name: backend_attend(name, spec, doc_lens, B, T, cell.device))
+            for name in names if get_backend(name).why_not(cell) is None}
+    if cell_name == "packed_causal":
+        made["varlen"] = lambda: varlen_attend(doc_lens, B, T, cell.device)
+    return (spec, doc_lens, B, T), made
 
 
-def as_layout(x_BTNH: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "BNTH":
-        return x_BTNH.transpose(1, 2).contiguous()
-    if layout == "TNH":
-        return x_BTNH[0].contiguous()
-    return x_BTNH
+def agreement(cell, problem_, made: dict[str, Callable[[], Attend]]) -> dict[str, float]:  # noqa: ANN001
+    """max|o - o_cudnn| / max|o_cudnn| of every method's forward on the same inputs ({} without cudnn)."""
+    spec, _, B, T = problem_
+    gen = torch.Generator().manual_seed(0)
+    qkv = [torch.randn((B, T, n, spec.head_dim), generator=gen).to(cell.device, cell.dtype)
+           for n in (spec.n_heads, spec.n_kv_heads, spec.n_kv_heads)]
+    outs = {}
+    for name, make in made.items():
+        try:
+            with torch.no_grad():
+                outs[name] = make()(*qkv)
+        except Exception:  # noqa: BLE001 - the table already says why it failed
+            continue
+    ref = outs.pop("cudnn", None)
+    return {} if ref is None else {name: rel_err(o, ref) for name, o in outs.items()}
 
 
-def back_to_BTNH(o: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "BNTH":
-        return o.transpose(1, 2)
-    if layout == "TNH":
-        return o[None]
-    return o
+def profile(name: str, make: Callable[[], Attend], problem_, cell) -> None:  # noqa: ANN001
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    spec, _, B, T = problem_
+    attend = make()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        time_attention(attend, spec, B, T, cell.device, cell.dtype, True, warmup=1, reps=3)
+    sort = "self_device_time_total" if hasattr(prof.key_averages()[0], "self_device_time_total") \
+        else "self_cuda_time_total"
+    print(f"--- profile: {name}, 4 x fwd+bwd ---\n{prof.key_averages().table(sort_by=sort, row_limit=14)}")
 
 
-def run_one(name, make, tensors, iters, flops, reference, profiled=()):
-    q, k, v, do = tensors
-    try:
-        layout, attn = make()
-        args = [as_layout(x, layout) for x in (q, k, v)]
-        o = back_to_BTNH(attn(*args), layout).float()
-        diff = (o - reference).abs().max().item() if reference is not None else 0.0
-        fwd, fwd_bwd = fwd_and_fwd_bwd(attn, *args, as_layout(do, layout))
-        (ms_f, host_f), (ms_fb, host_fb) = timed(fwd, iters), timed(fwd_bwd, iters)
-        if name in profiled:
-            profile(name, fwd_bwd)
-    except Exception as err:  # noqa: BLE001 - one missing method must not end the comparison
-        print(f"  {name:<22} unavailable: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
-        return None, None
-    tf, tfb = flops / ms_f / 1e9, FWD_BWD_FACTOR * flops / ms_fb / 1e9
-    print(
-        f"  {name:<22} fwd {ms_f:6.3f} ms {tf:6.1f} TFLOP/s | fwd+bwd {ms_fb:6.3f} ms {tfb:6.1f} TFLOP/s"
-        f" | host {host_f:.3f}/{host_fb:.3f} ms | max|o-ref| {diff:.3g}"
-    )
-    return (tf, tfb), o
-
-
-def cudnn_layout_sweep(lens, tensors, iters, flops) -> None:
-    import ablate.kernels.cudnn as cb
-
-    saved = cb.SEQ_BUCKETS, cb.doc_bucket
-    try:
-        for seq_buckets in (False, True):
-            for exact in (False, True):
-                cb.SEQ_BUCKETS = seq_buckets
-                cb.doc_bucket = (lambda n: n) if exact else saved[1]
-                name = f"cudnn S={'pow2' if seq_buckets else 'T'} docs={'exact' if exact else 'bucket'}"
-                run_one(name, lambda: cudnn_method(lens, False), tensors, iters, flops, None)
-    finally:
-        cb.SEQ_BUCKETS, cb.doc_bucket = saved
-    for key, plan in cb._GRAPHS.items():
-        shape = key[2]
-        print(f"  graph {key[0]} stats={key[1]} docs={shape.docs} S={shape.seq} alibi={shape.alibi}: workspace {plan.workspace / 2**20:.1f} MiB")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--sweep", action="store_true", help="time cudnn under the four static layouts")
-    parser.add_argument("--profile", nargs="*", default=[], help="method names to profile, e.g. cudnn xformers")
-    args = parser.parse_args()
-    import os
-
+def main(argv: list[str] | None = None) -> list[Result]:
+    p = parser()
+    p.prog, p.description = "python benchmarks/cudnn_packed.py", __doc__
+    p.set_defaults(backends=BACKENDS, cells=CELLS)
+    p.add_argument("--profile", nargs="*", default=[], help="methods to profile, e.g. cudnn xformers varlen")
+    args, sizes, dtype = settings(p, argv)
+    args.cells = args.cells or CELLS
     os.environ.setdefault("XFORMERS_IGNORE_FLASH_VERSION_CHECK", "1")
-    lens = doc_lengths()
-    flops = fwd_flops(lens)
-    print(f"date {datetime.date.today()} | {torch.cuda.get_device_name()} | torch {torch.__version__}")
-    try:
-        import cudnn
+    results, picks = bench(args.device, dtype, sizes, args.backends, args.cells, args.seed)
+    for pass_ in PASSES if "packed_causal" in args.cells else ():
+        cell = standard_cells(args.device, dtype, sizes.head_dim, backward=pass_ == "fwdbwd")["packed_causal"]
+        problem_, made = methods("packed_causal", cell, [], sizes, args.seed)
+        results.append(timed(Result("packed_causal", "varlen", pass_), made["varlen"], *problem_, cell, sizes))
+    results.sort(key=lambda r: (PASSES.index(r.pass_), ALL_CELLS.index(r.cell)))
+    add_ratios(results)
+    publish(args, sizes, dtype, results, picks, name="cudnn-packed")
 
-        print(f"cudnn frontend {cudnn.__version__}, backend {cudnn.backend_version_string()}")
-    except Exception as err:  # noqa: BLE001
-        print(f"cudnn frontend unavailable: {err}")
-    print(f"T={T} in one row, {len(lens)} docs of {min(lens)}..{max(lens)} tokens, {N_HEADS} heads x {HEAD_DIM}, bf16")
-    print(f"causal in-document fwd work {flops / 1e9:.1f} GFLOP; fwd+bwd counted as {FWD_BWD_FACTOR} x fwd")
-    print("max|o-ref|: against the cudnn output of the same problem (bf16 outputs)")
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, do = (torch.randn(1, T, N_HEADS, HEAD_DIM, device="cuda", generator=g, dtype=DTYPE) for _ in range(4))
-    tensors = (q, k, v, do)
-
-    # flex last: its compilation is the slow part of the run
-    results: dict[str, tuple] = {}
-    print("packed causal:")
-    results["cudnn"], ref = run_one("cudnn", lambda: cudnn_method(lens, False), tensors, args.iters, flops, None, args.profile)
-    results["xformers"] = run_one("xformers", lambda: xformers_method(lens), tensors, args.iters, flops, ref, args.profile)[0]
-    results["varlen"] = run_one("torch varlen_attn", lambda: varlen_method(lens), tensors, args.iters, flops, ref, args.profile)[0]
-    print("packed ALiBi (causal):")
-    results["cudnn alibi"], ref_alibi = run_one("cudnn alibi", lambda: cudnn_method(lens, True), tensors, args.iters, flops, None, args.profile)
-    print("packed causal, flex:")
-    results["flex"] = run_one("flex (compiled)", lambda: flex_method(lens, False), tensors, args.iters, flops, ref, args.profile)[0]
-    print("packed ALiBi (causal), flex:")
-    results["flex alibi"] = run_one("flex alibi (compiled)", lambda: flex_method(lens, True), tensors, args.iters, flops, ref_alibi, args.profile)[0]
-
-    if args.sweep:
-        print("cudnn static layouts:")
-        cudnn_layout_sweep(lens, tensors, args.iters, flops)
-
-    print("ratios (cudnn / other, TFLOP/s):")
-    for mine, other in (("cudnn", "xformers"), ("cudnn", "varlen"), ("cudnn", "flex"), ("cudnn alibi", "flex alibi")):
-        a, b = results.get(mine), results.get(other)
-        if a and b:
-            print(f"  {mine:<11} / {other:<10} fwd {a[0] / b[0]:.2f}x | fwd+bwd {a[1] / b[1]:.2f}x")
+    tflops = {(r.cell, r.backend, r.pass_): r.tflops for r in results}
+    print("\nratios (cudnn / other, TFLOP/s):")
+    for cell_name, other in RATIOS:
+        a, b = ([tflops.get((cell_name, name, p)) for p in PASSES] for name in ("cudnn", other))
+        if all(a) and all(b):
+            print(f"  {cell_name:<14} cudnn / {other:<9} fwd {a[0] / b[0]:.2f}x | fwd+bwd {a[1] / b[1]:.2f}x")
+    for cell_name in args.cells:
+        cell = standard_cells(args.device, dtype, sizes.head_dim, backward=True)[cell_name]
+        problem_, made = methods(cell_name, cell, args.backends, sizes, args.seed)
+        agree = agreement(cell, problem_, made)
+        print(f"{cell_name}: max|o - o_cudnn| / max|o_cudnn| " + (", ".join(f"{n} {e:.1e}" for n, e in agree.items())
+                                                                   or "(cudnn did not run)"))
+        for name in (n for n in args.profile if n in made):
+            if tflops.get((cell_name, name, "fwdbwd")) is None:
+                print(f"  {name}: not profiled, it did not run forward+backward on {cell_name}")
+            else:
+                profile(f"{cell_name} {name}", made[name], problem_, cell)
+    return results
 
 
 if __name__ == "__main__":

@@ -2,52 +2,64 @@
 
 Times forward and forward+backward of every registered backend on each standard cell (dense
 causal, packed causal, ALiBi causal, ALiBi packed, GQA, local window) in one run, and prints
-TFLOP/s, the ratio to the best backend of the cell, peak memory (CUDA) and what auto picks.
+TFLOP/s, the ratio to the best backend of the cell, peak memory (CUDA) and what auto picks; a
+backend that cannot serve a cell says why.
 
-FLOPs count only unmasked work: 4 * N * H per attended (query, key) pair forward (QK^T and PV),
-3.5x that for forward+backward (backward is 5 matmuls to forward's 2). Attended pairs are exact:
-a causal document of d tokens has d(d+1)/2, fewer under a window. Per-batch mask preparation
-(built once per batch and shared by all layers) happens in warmup and is not timed.
+Each batch's document layout is prepared once, outside the timed region, as the training step does
+(`backend.prepare`, then `.to(device)`); the timed call is `backend.attend`. The timer, the FLOP
+count (attended pairs only, 4 * N * H per pair forward, 3.5x for forward+backward) and the packed
+documents (lengths uniform in [doc_min, doc_max]) come from `ablate.bench.toolkit`.
 
-Timing: CUDA events around each call, after warmup, median of the repetitions (wall clock on CPU).
-With --tracking-uri (or MLFLOW_TRACKING_URI) one MLflow run gets metrics
-`tflops/<cell>/<backend>/<fwd|fwdbwd>` (and `peak_mib/...`), the auto picks as tags and the
-table as the text artifact kernel_bench.txt.
+Sizes are parameters: `--quick` picks the small preset, and each field of `Sizes` has its own
+option (`--packed-len 8192 --reps 20`). With --tracking-uri (or MLFLOW_TRACKING_URI) one MLflow run
+(experiment "kernel-bench") gets metrics `tflops/<cell>/<backend>/<fwd|fwdbwd>` (and
+`peak_mib/...`), the auto picks as tags `auto/<cell>/<pass>` and the table as kernel_bench.txt.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import random
-import statistics
-import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Callable
 
+import numpy as np
 import torch
 
-from ablate.kernels import BACKENDS, AttentionSpec, KernelRefused, alibi_slopes, select_backend
-from ablate.kernels import get_backend, standard_cells
+from ablate.bench.toolkit import attention_flops, document_lengths, rows_of, time_ms
+from ablate.kernels import BACKENDS, AttentionSpec, Cell, DocLens, KernelRefused, get_backend, select_backend
+from ablate.kernels import standard_cells
 
 PASSES = ("fwd", "fwdbwd")
+CELLS = tuple(standard_cells("cpu", torch.float32, 64))
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
 class Sizes:
-    rows: int  # B for dense cells
-    row_len: int  # T for dense cells
-    packed_rows: int
-    packed_len: int
+    rows: int  # B of the dense cells
+    row_len: int  # T of the dense cells
+    packed_rows: int  # B of the packed cells
+    packed_len: int  # T of the packed cells
     heads: int
-    kv_heads: int  # for the GQA cell
+    kv_heads: int  # of the GQA cell
     head_dim: int
-    doc_min: int
+    doc_min: int  # packed documents: lengths uniform in [doc_min, doc_max]
     doc_max: int
-    window: int
+    window: int  # of the window cell
     warmup: int
     reps: int
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < (0 if f.name == "warmup" else 1):
+                raise ValueError(f"Sizes.{f.name}={getattr(self, f.name)} must be positive (warmup: >= 0)")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"Sizes.kv_heads={self.kv_heads} must divide heads={self.heads}")
+        if self.doc_min > self.doc_max:
+            raise ValueError(f"Sizes.doc_min={self.doc_min} is above doc_max={self.doc_max}")
 
-SIZES = {  # (device, quick)
+
+PRESETS = {  # (device, quick)
     ("cuda", False): Sizes(4, 8192, 1, 32768, 16, 4, 128, 64, 2048, 1024, 3, 10),
     ("cuda", True): Sizes(2, 2048, 1, 8192, 16, 4, 128, 64, 1024, 512, 2, 5),
     ("cpu", False): Sizes(2, 1024, 1, 2048, 8, 2, 64, 16, 512, 256, 1, 3),
@@ -67,135 +79,96 @@ class Result:
     ratio: float | None = None
 
 
-def doc_lens_for(rng: random.Random, n_rows: int, row_len: int, lo: int, hi: int):
-    """Rows of documents with lengths drawn from [lo, hi]; the last one takes the remainder."""
-    rows = []
-    for _ in range(n_rows):
-        lens, left = [], row_len
-        while left > hi:
-            lens.append(rng.randint(lo, hi))
-            left -= lens[-1]
-        rows.append(tuple(lens + [left]))
-    return tuple(rows)
+def problem(cell: Cell, sizes: Sizes, seed: int = 0) -> tuple[AttentionSpec, DocLens | None, int, int]:
+    """A standard cell at these sizes: its spec, its documents (None: one per row), B and T."""
+    spec = AttentionSpec(sizes.heads, sizes.kv_heads if cell.gqa else sizes.heads, sizes.head_dim,
+                         causal=cell.causal, window=sizes.window if cell.window else None, alibi=cell.alibi)
+    if not cell.packed:
+        return spec, None, sizes.rows, sizes.row_len
+    B, T = sizes.packed_rows, sizes.packed_len
+    lens = document_lengths(np.random.default_rng(seed), B * T, (sizes.doc_min + sizes.doc_max) / 2,
+                            low=sizes.doc_min, high=sizes.doc_max, dist="uniform")
+    return spec, rows_of(lens, B, T), B, T
 
 
-def make_spec(name: str, sizes: Sizes, rng: random.Random) -> tuple[AttentionSpec, int, int]:
-    """The spec of a standard cell at these sizes, with its (B, T)."""
-    packed = "packed" in name
-    B, T = (sizes.packed_rows, sizes.packed_len) if packed else (sizes.rows, sizes.row_len)
-    spec = AttentionSpec(
-        n_heads=sizes.heads,
-        n_kv_heads=sizes.kv_heads if name == "gqa" else sizes.heads,
-        head_dim=sizes.head_dim,
-        doc_lens=doc_lens_for(rng, B, T, sizes.doc_min, sizes.doc_max) if packed else None,
-        alibi_slopes=alibi_slopes(sizes.heads) if "alibi" in name else None,
-        window=sizes.window if name == "window" else None,
-    )
-    return spec, B, T
+def time_attention(attend: Callable[..., torch.Tensor], spec: AttentionSpec, B: int, T: int, device: str,
+                   dtype: torch.dtype, backward: bool, warmup: int, reps: int) -> tuple[float, int | None]:
+    """(median ms, peak CUDA bytes) of `attend(q_BTNH, k_BTKH, v_BTKH)` on random inputs, forward or
+    forward+backward."""
+    shapes = [(B, T, n, spec.head_dim) for n in (spec.n_heads, spec.n_kv_heads, spec.n_kv_heads)]
+    q, k, v = (torch.randn(s, device=device, dtype=dtype, requires_grad=backward) for s in shapes)
+    grad_out = torch.randn(shapes[0], device=device, dtype=dtype)
 
-
-def causal_pairs(d: int, window: int | None) -> int:
-    """Attended (i, j) pairs of a causal document of d tokens: sum over i of min(i + 1, window)."""
-    w = d if window is None else min(window, d)
-    return w * (w + 1) // 2 + (d - w) * w
-
-
-def attended_pairs(spec: AttentionSpec, n_rows: int, row_len: int) -> int:
-    total = 0
-    for d in spec.flat_doc_lens(n_rows, row_len):
-        one_sided = causal_pairs(d, spec.window)
-        total += one_sided if spec.causal else 2 * one_sided - d
-    return total
-
-
-def time_ms(fn, warmup: int, reps: int, device: str) -> tuple[float, int | None]:
-    """Median milliseconds of `fn()` after warmup, and peak CUDA bytes above what was allocated
-    before the timed calls (inputs and the batch's cached masks, built during warmup)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times), torch.cuda.max_memory_allocated() - base
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), None
-
-
-def run_one(backend, spec: AttentionSpec, B: int, T: int, sizes: Sizes, device: str,
-            dtype: torch.dtype, pass_: str) -> tuple[float, int | None]:
-    shape_q = (B, T, spec.n_heads, sizes.head_dim)
-    shape_kv = (B, T, spec.n_kv_heads, sizes.head_dim)
-    train = pass_ == "fwdbwd"
-    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=train)
-               for shape in (shape_q, shape_kv, shape_kv))
-    grad_out = torch.randn(shape_q, device=device, dtype=dtype)
-
-    def step():
-        if not train:
+    def step() -> None:
+        if not backward:
             with torch.no_grad():
-                return backend.attend(q, k, v, spec)
+                attend(q, k, v)
+            return
         q.grad = k.grad = v.grad = None
-        backend.attend(q, k, v, spec).backward(grad_out)
+        attend(q, k, v).backward(grad_out)
 
-    return time_ms(step, sizes.warmup, sizes.reps, device)
-
-
-def bench(device: str, dtype: torch.dtype, quick: bool, only: list[str] | None = None,
-          seed: int = 0) -> tuple[list[Result], dict[tuple[str, str], str], Sizes]:
-    """Every (cell, backend, pass); and auto's pick per (cell, pass)."""
-    sizes = SIZES[(device, quick)]
-    results, picks = [], {}
-    names = only or BACKENDS.names()
-    for pass_ in PASSES:
-        cells = standard_cells(device, dtype, sizes.head_dim, backward=pass_ == "fwdbwd")
-        for cell_name, cell in cells.items():
-            try:
-                picks[(cell_name, pass_)] = select_backend(cell, "auto").name
-            except KernelRefused as err:
-                picks[(cell_name, pass_)] = f"none ({err})"
-            spec, B, T = make_spec(cell_name, sizes, random.Random(f"{seed}-{cell_name}"))
-            flops = 4 * attended_pairs(spec, B, T) * spec.n_heads * sizes.head_dim
-            flops *= 3.5 if pass_ == "fwdbwd" else 1.0
-            for name in names:
-                results.append(measure(name, cell, cell_name, pass_, spec, B, T, sizes, flops))
-    add_ratios(results)
-    return results, picks, sizes
+    return time_ms(step, device, warmup, reps)
 
 
-def measure(name, cell, cell_name, pass_, spec, B, T, sizes, flops) -> Result:
-    """One backend on one cell and pass. The backend gets its own copy of the spec, so the masks
-    another backend cached for this batch neither help it nor count in its memory."""
-    result = Result(cell_name, name, pass_)
+def backend_attend(name: str, spec: AttentionSpec, doc_lens: DocLens | None, B: int, T: int,
+                   device: str) -> Callable[..., torch.Tensor]:
+    """`attend(q, k, v)` of a backend on this batch, its layout prepared (and moved) now, once."""
     backend = get_backend(name)
-    reason = backend.why_not(cell)
-    if reason:
-        result.note = f"refused: {reason}"
-        return result
+    layout = backend.prepare(spec, doc_lens, B, T)
+    layout = layout.to(device) if layout is not None else None
+    return lambda q, k, v: backend.attend(q, k, v, spec, layout)
+
+
+def timed(result: Result, make_attend: Callable[[], Callable[..., torch.Tensor]], spec: AttentionSpec,
+          doc_lens: DocLens | None, B: int, T: int, cell: Cell, sizes: Sizes) -> Result:
+    """`result` with the time, TFLOP/s and peak memory of the function `make_attend()` returns, or
+    with a note saying why it failed (preparation included)."""
     try:
-        result.ms, result.peak_bytes = run_one(backend, replace(spec, cache={}), B, T, sizes,
-                                               cell.device, cell.dtype, pass_)
-        result.tflops = flops / (result.ms * 1e-3) / 1e12
+        result.ms, result.peak_bytes = time_attention(make_attend(), spec, B, T, cell.device, cell.dtype,
+                                                      cell.backward, sizes.warmup, sizes.reps)
+        result.tflops = attention_flops(spec, doc_lens, B, T, cell.backward) / (result.ms * 1e-3) / 1e12
     except torch.OutOfMemoryError:
         result.note = "failed: out of memory"
     except Exception as err:  # noqa: BLE001 - one failing kernel must not stop the comparison
-        first_line = (str(err).splitlines() or [""])[0][:160]
-        result.note = f"failed: {type(err).__name__}: {first_line}"
+        result.note = f"failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
     finally:
         if cell.device == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def measure(name: str, cell_name: str, cell: Cell, spec: AttentionSpec, doc_lens: DocLens | None, B: int,
+            T: int, sizes: Sizes) -> Result:
+    """One backend on one cell and pass, or the reason it refuses the cell."""
+    result = Result(cell_name, name, "fwdbwd" if cell.backward else "fwd")
+    reason = get_backend(name).why_not(cell)
+    if reason:
+        result.note = f"refused: {reason}"
+        return result
+    return timed(result, lambda: backend_attend(name, spec, doc_lens, B, T, cell.device), spec, doc_lens, B, T,
+                 cell, sizes)
+
+
+def bench(device: str, dtype: torch.dtype, sizes: Sizes, backends: list[str] | None = None,
+          cells: list[str] | None = None, seed: int = 0) -> tuple[list[Result], dict[tuple[str, str], str]]:
+    """Every (cell, backend, pass), ratios filled in; and auto's pick per (cell, pass)."""
+    names = backends or BACKENDS.names()
+    unknown = [n for n in names if n not in BACKENDS] + [c for c in cells or () if c not in CELLS]
+    if unknown:
+        raise ValueError(f"unknown backend or cell {unknown}: backends are {BACKENDS.names()}, cells {list(CELLS)}")
+    results, picks = [], {}
+    for pass_ in PASSES:
+        for cell_name, cell in standard_cells(device, dtype, sizes.head_dim, backward=pass_ == "fwdbwd").items():
+            if cells and cell_name not in cells:
+                continue
+            try:
+                picks[(cell_name, pass_)] = select_backend(cell, "auto").name
+            except KernelRefused as err:
+                picks[(cell_name, pass_)] = f"none ({err})"
+            spec, doc_lens, B, T = problem(cell, sizes, seed)
+            results += [measure(name, cell_name, cell, spec, doc_lens, B, T, sizes) for name in names]
+    add_ratios(results)
+    return results, picks
 
 
 def add_ratios(results: list[Result]) -> None:
@@ -208,11 +181,9 @@ def add_ratios(results: list[Result]) -> None:
             r.ratio = r.tflops / best[(r.cell, r.pass_)]
 
 
-def format_results(results: list[Result], picks: dict, header: str) -> str:
-    lines = [header, ""]
-    cols = (f"{'cell':<14} {'pass':<7} {'backend':<10} {'ms':>10} {'TFLOP/s':>9} {'x best':>7} "
-            f"{'peak MiB':>9}")
-    lines += [cols, "-" * len(cols)]
+def format_results(results: list[Result], picks: dict[tuple[str, str], str], header: str) -> str:
+    cols = f"{'cell':<14} {'pass':<7} {'backend':<10} {'ms':>10} {'TFLOP/s':>9} {'x best':>7} {'peak MiB':>9}"
+    lines = [header, "", cols, "-" * len(cols)]
     for r in results:
         auto = " <- auto" if picks.get((r.cell, r.pass_)) == r.backend else ""
         if r.note:
@@ -222,56 +193,86 @@ def format_results(results: list[Result], picks: dict, header: str) -> str:
         lines.append(f"{r.cell:<14} {r.pass_:<7} {r.backend:<10} {r.ms:>10.3f} {r.tflops:>9.3f} "
                      f"{r.ratio:>7.2f} {peak:>9}{auto}")
     lines.append("")
-    lines += [f"auto {cell} {p}: {name}" for (cell, p), name in picks.items()
-              if name.startswith("none")]
+    lines += [f"auto {cell} {p}: {name}" for (cell, p), name in picks.items() if name.startswith("none")]
     return "\n".join(lines)
 
 
-def log_mlflow(uri: str, results: list[Result], picks: dict, table: str, params: dict) -> str:
-    import mlflow
+def log_mlflow(uri: str, results: list[Result], picks: dict[tuple[str, str], str], table: str,
+               params: dict[str, object], name: str = "kernels") -> str:
+    from ablate.tracking.mlflow import MlflowTracker
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("kernel-bench")
-    with mlflow.start_run(run_name=f"kernels-{params['device']}-{params['dtype']}") as run:
-        mlflow.log_params(params)
-        metrics = {}
-        for r in results:
-            if r.tflops is not None:
-                metrics[f"tflops/{r.cell}/{r.backend}/{r.pass_}"] = r.tflops
-            if r.peak_bytes is not None:
-                metrics[f"peak_mib/{r.cell}/{r.backend}/{r.pass_}"] = r.peak_bytes / 2**20
-        mlflow.log_metrics(metrics)
-        mlflow.set_tags({f"auto/{cell}/{p}": name[:250] for (cell, p), name in picks.items()})
-        mlflow.log_text(table, "kernel_bench.txt")
-        return run.info.run_id
+    tracker = MlflowTracker(uri, "kernel-bench", f"{name}-{params['device']}-{params['dtype']}",
+                            {f"auto/{cell}/{p}": pick[:250] for (cell, p), pick in picks.items()})
+    metrics = {}
+    for r in results:
+        if r.tflops is not None:
+            metrics[f"tflops/{r.cell}/{r.backend}/{r.pass_}"] = r.tflops
+        if r.peak_bytes is not None:
+            metrics[f"peak_mib/{r.cell}/{r.backend}/{r.pass_}"] = r.peak_bytes / 2**20
+    tracker.log_params({k: str(v) for k, v in params.items()})
+    tracker.log_metrics(metrics, step=0)
+    tracker.log_text(table, "kernel_bench.txt")
+    tracker.finish("FINISHED")
+    return tracker.run_id
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ablate.bench.kernels", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes (CPU smoke test)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--backends", nargs="*", help="default: every registered backend")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
-    args = parser.parse_args(argv)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ablate.bench.kernels", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the small preset (a CPU smoke test)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--backends", nargs="*", choices=BACKENDS.names(), help="default: every registered backend")
+    p.add_argument("--cells", nargs="*", choices=CELLS, help="default: every standard cell")
+    p.add_argument("--seed", type=int, default=0, help="seed of the packed cells' documents")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
+    for f in fields(Sizes):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=None, help="default: the preset's")
+    return p
 
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
-    results, picks, sizes = bench(args.device, dtype, args.quick, args.backends)
+
+def sizes_from(args: argparse.Namespace) -> Sizes:
+    """The preset of --device/--quick, with the fields given on the command line replaced."""
+    given = {f.name: getattr(args, f.name) for f in fields(Sizes) if getattr(args, f.name) is not None}
+    return replace(PRESETS[(args.device, args.quick)], **given)
+
+
+def settings(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Sizes, torch.dtype]:
+    """The parsed options, the sizes and the dtype; bad input ends here, before any compute."""
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible; use --device cpu")
+    try:
+        sizes = sizes_from(args)
+    except ValueError as err:
+        p.error(str(err))
+    return args, sizes, DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
+
+
+def publish(args: argparse.Namespace, sizes: Sizes, dtype: torch.dtype, results: list[Result],
+            picks: dict[tuple[str, str], str], name: str = "kernels") -> str:
+    """Print the table, and log it to MLflow where --tracking-uri says; returns the table."""
     where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    header = (f"Attention kernels on {where}, {str(dtype).replace('torch.', '')}, torch "
-              f"{torch.__version__}; {sizes}")
+    header = f"Attention kernels on {where}, {str(dtype).replace('torch.', '')}, torch {torch.__version__}; {sizes}"
     if args.device == "cpu":
         header += "\n(CPU: a smoke test of every path; these timings say nothing about GPUs)"
     table = format_results(results, picks, header)
     print(table)
     if args.tracking_uri:
-        params = {"device": args.device, "dtype": str(dtype).replace("torch.", ""),
-                  "quick": args.quick, "torch": torch.__version__, **vars(sizes)}
-        run_id = log_mlflow(args.tracking_uri, results, picks, table, params)
+        params = {"device": args.device, "dtype": str(dtype).replace("torch.", ""), "quick": args.quick,
+                  "seed": args.seed, "torch": torch.__version__, **asdict(sizes)}
+        run_id = log_mlflow(args.tracking_uri, results, picks, table, params, name)
         print(f"\nlogged to MLflow run {run_id} at {args.tracking_uri}")
     else:
         print("\n(not logged to MLflow: pass --tracking-uri or set MLFLOW_TRACKING_URI)")
+    return table
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    args, sizes, dtype = settings(parser(), argv)
+    results, picks = bench(args.device, dtype, sizes, args.backends, args.cells, args.seed)
+    publish(args, sizes, dtype, results, picks)
+    return results
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ O(T) (the output and one log-sum-exp per query), so theirs grows as T. Two memor
            torch.autograd.graph.saved_tensors_hooks during one forward pass)
     peak   CUDA only: torch.cuda.max_memory_allocated over the timed steps, beyond what was
            allocated before them (inputs and gradients), reset between measurements
-Time: median of the timed steps after warmup, CUDA events on a GPU (`ablate.bench.kernels.time_ms`).
+Time: median of the timed steps after warmup, CUDA events on a GPU (the benchmarks' timer).
 An out-of-memory error is caught, memory freed, and the length marked OOM for that implementation
 (and every longer one). `--mem-cap-gib` caps the process's CUDA memory to move that point.
 """
@@ -20,9 +20,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ablate.bench.kernels import time_ms
-from ablate.kernels import AttentionSpec, select_backend
-from ablate.tour.attention import vanilla_attention
+from ablate.bench.kernels import time_attention
+from ablate.kernels import AttentionSpec, get_backend
+from ablate.tour.attention import kernels, vanilla_attention
 from ablate.tour.report import Tour
 
 
@@ -72,26 +72,21 @@ def saved_bytes(fn: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...]
     return sum(seen.values())
 
 
-def measure(fn: Callable, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-            s: Scaling) -> Point:
+def measure(fn: Callable, spec: AttentionSpec, rows: int, length: int, dtype: torch.dtype,
+            device: torch.device, s: Scaling) -> Point:
     """Forward + backward of `fn` on fresh (B, T, N, H) inputs: time, peak and saved bytes."""
-    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    grad_out = torch.randn(shape, device=device, dtype=dtype)
-
-    def step() -> None:
-        q.grad = k.grad = v.grad = None
-        fn(q, k, v).backward(grad_out)
-
+    q, k, v = (torch.randn(rows, length, spec.n_heads, spec.head_dim, device=device, dtype=dtype,
+                           requires_grad=True) for _ in range(3))
     saved = saved_bytes(lambda: fn(q, k, v), (q, k, v))
-    ms, peak = time_ms(step, s.warmup, s.reps, device.type)
+    del q, k, v  # the timer makes its own
+    ms, peak = time_attention(fn, spec, rows, length, device.type, dtype, True, s.warmup, s.reps)
     return Point(ms=ms, peak=peak, saved=saved)
 
 
-def attempt(fn: Callable, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-            s: Scaling) -> Point:
-    """`measure`, or an OOM point after freeing what the failed attempt held."""
+def attempt(*args) -> Point:  # noqa: ANN002
+    """`measure(*args)`, or an OOM point after freeing what the failed attempt held."""
     try:
-        return measure(fn, shape, dtype, device, s)
+        return measure(*args)
     except torch.OutOfMemoryError:
         pass  # leave the except block first, so that its traceback (and tensors) can be freed
     gc.collect()
@@ -99,14 +94,11 @@ def attempt(fn: Callable, shape: tuple[int, ...], dtype: torch.dtype, device: to
     return Point(oom=True)
 
 
-def _impls(tour: Tour, s: Scaling) -> dict[str, Callable]:
+def _impls(tour: Tour, spec: AttentionSpec) -> dict[str, Callable]:
+    """vanilla, then xformers (where it serves) and the backend auto picks, by label."""
     impls: dict[str, Callable] = {"vanilla": vanilla_attention}
-    xf = tour.xformers("xformers.ops.memory_efficient_attention")
-    if xf is not None:
-        impls["xformers"] = xf.attention
-    spec = AttentionSpec(s.heads, s.heads, s.head_dim, causal=False)
-    auto = select_backend(spec.cell(tour.device, tour.dtype, backward=True), "auto")
-    impls[f"auto ({auto.name})"] = lambda q, k, v: auto.attend(q, k, v, spec)
+    for k in kernels(tour, spec, None, tour.dtype):
+        impls[k.shown] = lambda q_, k_, v_, b=get_backend(k.backend): b.attend(q_, k_, v_, spec)
     return impls
 
 
@@ -134,7 +126,8 @@ def scaling(tour: Tour) -> None:
     what = f"B={s.rows} N={s.heads} H={s.head_dim} {str(dtype).replace('torch.', '')}, non-causal, fwd+bwd"
     tour.say(f"  {what}, T = {', '.join(map(str, lengths))}")
     tour.param("shape", what)
-    impls = _impls(tour, s)
+    spec = AttentionSpec(s.heads, s.heads, s.head_dim, causal=False)
+    impls = _impls(tour, spec)
     capped = _cap(tour)
     before = torch.cuda.memory_allocated(tour.device) if tour.cuda else 0
     results: dict[str, dict[int, Point]] = {name: {} for name in impls}
@@ -144,7 +137,7 @@ def scaling(tour: Tour) -> None:
                 if any(p.oom for p in results[name].values()):
                     results[name][T] = Point(oom=True)
                     continue
-                results[name][T] = attempt(fn, (s.rows, T, s.heads, s.head_dim), dtype, tour.device, s)
+                results[name][T] = attempt(fn, spec, s.rows, T, dtype, tour.device, s)
                 if tour.cuda:
                     torch.cuda.empty_cache()
     finally:

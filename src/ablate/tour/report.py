@@ -12,14 +12,12 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import SimpleNamespace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
 
+from ablate.bench.toolkit import Comparison
 from ablate.tracking.mlflow import Tracker
-
-NEEDS_CUDA = "needs CUDA (xformers kernels)"
 
 
 @dataclass
@@ -42,7 +40,6 @@ class Tour:
     key: str = "setup"  # the running section
     checks: list[Check] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
-    figures: list[str] = field(default_factory=list)
     shared: dict[str, Any] = field(default_factory=dict)  # built once, used by several sections
 
     @property
@@ -82,20 +79,6 @@ class Tour:
             self.metric("seconds", time.perf_counter() - start)
             self.say(f"  ({time.perf_counter() - start:.1f} s)")
 
-    def xformers(self, what: str) -> SimpleNamespace | None:
-        """xformers' attention op and bias module, or None after one line saying why `what` is
-        skipped (no CUDA here, or xformers cannot be imported)."""
-        reason = NEEDS_CUDA
-        if self.cuda:
-            from ablate.kernels import get_backend
-            from ablate.kernels.xformers_backend import import_xformers
-
-            reason = get_backend("xformers").unavailable()
-            if reason is None:
-                return import_xformers()
-        self.say(f"  {what}: skipped: {reason}")
-        return None
-
     # -- records ------------------------------------------------------------------------------
     def metric(self, name: str, value: float, step: int = 0) -> None:
         self.tracker.log_metrics({f"tour/{self.key}/{name}": float(value)}, step)
@@ -113,7 +96,6 @@ class Tour:
             return
         path = f"tour/{self.key}.png"
         client.log_figure(self.tracker.run_id, fig, path, save_kwargs={"dpi": 110, "bbox_inches": "tight"})
-        self.figures.append(path)
 
     def check(self, name: str, value: float, limit: float, scaled: bool = True,
               shown: str | None = None, text: str | None = None) -> bool:
@@ -127,19 +109,15 @@ class Tour:
         self.say(f"  {shown or name:<34} {measured}  (limit {limit:.3g})  {'ok' if passed else 'FAIL'}")
         return passed
 
-    def close(self, name: str, got: torch.Tensor | Sequence[torch.Tensor],
-              want: torch.Tensor | Sequence[torch.Tensor], tol: float, shown: str | None = None) -> bool:
-        """Check that `got` matches `want` (tensor, or tensors pairwise): the worst relative error
-        max|got - want| / max|want| is at most `tol`."""
-        pairs = [(got, want)] if isinstance(got, torch.Tensor) else list(zip(got, want))
-        worst_abs = worst_rel = 0.0
-        for g, w in pairs:
-            diff = (g.float() - w.float()).abs().max().item()
-            worst_abs = max(worst_abs, diff)
-            worst_rel = max(worst_rel, diff / max(w.float().abs().max().item(), 1e-30))
-        self.metric(f"{name}_maxabs", worst_abs)
-        return self.check(name, worst_rel, tol, shown=shown,
-                          text=f"max|diff| {worst_abs:.2e}  rel {worst_rel:.2e}")
+    def compared(self, label: str, c: Comparison, shown: str) -> bool:
+        """A kernel against the reference (`ablate.bench.toolkit.compare_to_reference`): one check
+        for the output, one for the worst of its q/k/v gradients, each within the toolkit's tolerance."""
+        ok = self.check(f"{label}_out", c.errors["out"], c.tol, shown=shown, text=f"rel {c.errors['out']:.2e}")
+        grads = [c.errors[g] for g in ("dq", "dk", "dv") if g in c.errors]
+        if grads:
+            ok &= self.check(f"{label}_grad", max(grads), c.tol, shown=f"{shown} dq,dk,dv",
+                             text=f"rel {max(grads):.2e}")
+        return ok
 
     def summary(self) -> int:
         """Print the verdict; the exit status: 0 if every check passed, else 1."""

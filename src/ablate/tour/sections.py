@@ -1,8 +1,8 @@
 """The tour's correctness sections: dense, causal, packed, grouped-query and ALiBi attention.
 
-Each holds xformers' kernel (CUDA only), the project's eager reference and the backend `auto`
-picks up against the vanilla attention of `ablate.tour.attention`, within `TOLERANCE`. xformers'
-mask classes are plain Python and run anywhere, so the masks themselves are checked on CPU too.
+Each holds xformers' kernel (CUDA only) and the backend `auto` picks up against the eager reference,
+forward and backward, through `ablate.bench.toolkit`. xformers' mask classes are plain Python and run
+anywhere, so the masks themselves are checked against the project's `allowed_mask` on CPU too.
 """
 from __future__ import annotations
 
@@ -11,113 +11,85 @@ import math
 import numpy as np
 import torch
 
+from ablate.bench.toolkit import Comparison, compare_to_reference, document_lengths, rel_err, run_attention, tolerance
 from ablate.data import TrainLoader
-from ablate.kernels import AttentionSpec, alibi_slopes
-from ablate.kernels.spec import alibi_bias, allowed_mask
-from ablate.kernels.xformers_backend import aligned_alibi, import_xformers
-from ablate.tour.attention import (
-    TOLERANCE,
-    Impl,
-    causal_bias,
-    compare,
-    project_impls,
-    random_qkv,
-    shape_for,
-    vanilla_attention,
-    with_xformers,
-)
+from ablate.kernels import AttentionSpec, DocLens, alibi_slopes, get_backend
+from ablate.kernels.spec import alibi_bias, allowed_mask, document_ids
+from ablate.kernels.xformers_backend import import_xformers
+from ablate.tour import training
+from ablate.tour.attention import check_kernels, shape_for, vanilla_attention
 from ablate.tour.report import Tour
 
 
-def _header(tour: Tour, text: str, dtype: torch.dtype) -> None:
-    tour.say(f"  {text}, {str(dtype).replace('torch.', '')}, tolerance {TOLERANCE[dtype]:.0e} "
-             "relative (max|diff| / max|reference|, float32 reference)")
-    tour.param(f"shape.{str(dtype).replace('torch.', '')}", text)
+def _describe(B: int, T: int, N: int, H: int, K: int | None = None) -> str:
+    return f"B={B} T={T} N={N}" + (f" K={K}" if K else "") + f" H={H}"
 
 
-def _mask_agrees(tour: Tour, name: str, xformers_mask: torch.Tensor, spec: AttentionSpec,
-                 rows: int, length: int) -> None:
+def _random(shape: tuple[int, ...], n: int, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(n)]
+
+
+def _mask_agrees(tour: Tour, xformers_mask: torch.Tensor, spec: AttentionSpec, doc_lens: DocLens | None,
+                 length: int) -> None:
     """xformers' materialized mask (0 / -inf) against the project's allowed_mask, entry by entry."""
-    ours = allowed_mask(spec, rows, length, torch.device("cpu"))[0, 0]
-    theirs = xformers_mask.reshape(length, length) == 0
-    tour.check(name, int((ours != theirs).sum()), 0, scaled=False,
-               shown=f"{name} (entries that differ)", text=f"{int((ours != theirs).sum())}")
+    doc_BT = None if doc_lens is None else torch.from_numpy(document_ids(doc_lens, 1, length))
+    ours = allowed_mask(spec, doc_BT, length, "cpu")[0, 0]
+    differ = int((ours != (xformers_mask.reshape(length, length) == 0)).sum())
+    tour.check("mask", differ, 0, scaled=False, shown="mask (entries that differ)", text=str(differ))
 
 
 def correctness(tour: Tour) -> None:
-    """vanilla softmax(QK^T/sqrt(d))V against xformers, eager and auto (non-causal, fwd+bwd)"""
-    shape = shape_for(tour)
+    """the eager reference against softmax(QK^T/sqrt(d))V; xformers and auto against it (non-causal)"""
+    s = shape_for(tour)
+    spec = AttentionSpec(s.heads, s.heads, s.head_dim, causal=False)
+    q, k, v, grad_out = (t.requires_grad_(i < 3) for i, t in enumerate(
+        _random((s.rows, s.length, s.heads, s.head_dim), 4, tour.device, torch.float32)))
+    outs = [get_backend("eager")(q, k, v, spec), vanilla_attention(q, k, v)]
+    grads = [torch.autograd.grad(o, (q, k, v), grad_out) for o in outs]
+    errors = {"out": rel_err(*outs), **{g: rel_err(a, b) for g, a, b in zip(("dq", "dk", "dv"), *grads)}}
+    tour.compared("eager", Comparison(errors, tolerance(torch.float32, tour.device)),
+                  "eager reference = the formula, float32")
     for dtype in ([torch.float32, torch.bfloat16] if tour.cuda else [torch.float32]):
-        _header(tour, shape.describe(), dtype)
-        spec = AttentionSpec(shape.heads, shape.heads, shape.head_dim, causal=False)
-        impls = with_xformers(
-            tour, "xformers.ops.memory_efficient_attention",
-            lambda xf: Impl("xformers", lambda q, k, v: xf.attention(q, k, v)),
-            project_impls(tour, spec, dtype))
         suffix = "" if dtype == tour.dtype else f"_{str(dtype).replace('torch.', '')}"
-        compare(tour, impls, random_qkv(shape, dtype, tour.device), vanilla_attention,
-                TOLERANCE[dtype], suffix=suffix)
+        check_kernels(tour, spec, None, s.rows, s.length, dtype, _describe(s.rows, s.length, s.heads, s.head_dim),
+                      suffix)
 
 
 def causal(tour: Tour) -> None:
-    """LowerTriangularMask against a vanilla reference masked with -inf above the diagonal"""
-    shape, dtype = shape_for(tour), tour.dtype
-    _header(tour, shape.describe() + ", causal", dtype)
-    xf_cpu = import_xformers()  # the mask classes work on CPU
-    spec = AttentionSpec(shape.heads, shape.heads, shape.head_dim, causal=True)
-    T = shape.length
-    _mask_agrees(tour, "mask", xf_cpu.bias.LowerTriangularMask().materialize((T, T)), spec, 1, T)
-    impls = with_xformers(
-        tour, "xformers LowerTriangularMask kernel",
-        lambda xf: Impl("xformers", lambda q, k, v: xf.attention(
-            q, k, v, attn_bias=xf.bias.LowerTriangularMask())),
-        project_impls(tour, spec, dtype))
-    bias = causal_bias(T, tour.device)
-    compare(tour, impls, random_qkv(shape, dtype, tour.device),
-            lambda q, k, v: vanilla_attention(q, k, v, bias), TOLERANCE[dtype])
-
-
-def doc_lens_for(total: int) -> list[int]:
-    """Six documents of uneven lengths (a 1% one, a 27% one, ...) that fill `total` tokens."""
-    lens = [max(1, round(total * p)) for p in (0.03, 0.27, 0.11, 0.2, 0.01)]
-    return lens + [total - sum(lens)]
+    """LowerTriangularMask against the causal reference, mask and kernels"""
+    s = shape_for(tour)
+    spec = AttentionSpec(s.heads, s.heads, s.head_dim, causal=True)
+    _mask_agrees(tour, import_xformers().bias.LowerTriangularMask().materialize((s.length, s.length)), spec,
+                 None, s.length)
+    check_kernels(tour, spec, None, s.rows, s.length, tour.dtype,
+                  _describe(s.rows, s.length, s.heads, s.head_dim) + ", causal")
 
 
 def packed(tour: Tour) -> None:
-    """documents packed into one row: BlockDiagonalCausalMask, split, and the padding it saves"""
-    shape, dtype = shape_for(tour), tour.dtype
-    lens = doc_lens_for(shape.rows * shape.length)
-    S = sum(lens)
-    _header(tour, f"{len(lens)} documents {lens} packed into one row of {S} tokens, "
-                  f"N={shape.heads} H={shape.head_dim}, causal", dtype)
-    xf_cpu = import_xformers()
-    mask = xf_cpu.bias.BlockDiagonalCausalMask.from_seqlens(lens, device=torch.device("cpu"))
-    spec = AttentionSpec(shape.heads, shape.heads, shape.head_dim, causal=True, doc_lens=(tuple(lens),))
-    dense = mask.materialize((S, S))
-    _mask_agrees(tour, "mask", dense, spec, 1, S)
-    impls = with_xformers(
-        tour, "xformers BlockDiagonalCausalMask kernel",
-        lambda xf: Impl("xformers", lambda q, k, v: xf.attention(
-            q, k, v, attn_bias=xf.bias.BlockDiagonalCausalMask.from_seqlens(lens, device=q.device))),
-        project_impls(tour, spec, dtype))
-    starts = np.cumsum([0, *lens]).tolist()
-
-    def each_alone(q, k, v):  # noqa: ANN001, ANN202 - every document attended on its own, then joined
-        parts = [vanilla_attention(q[:, a:b], k[:, a:b], v[:, a:b], causal_bias(b - a, q.device))
+    """documents packed into one row: BlockDiagonalCausalMask, each document as if alone, padding saved"""
+    s, dtype = shape_for(tour), tour.dtype
+    T = s.rows * s.length
+    lens = document_lengths(np.random.default_rng(0), T, mean=T / 6, low=1, high=T // 3)
+    doc_lens = (tuple(lens),)
+    spec = AttentionSpec(s.heads, s.heads, s.head_dim, causal=True)
+    mask = import_xformers().bias.BlockDiagonalCausalMask.from_seqlens(lens)
+    dense = mask.materialize((T, T))
+    _mask_agrees(tour, dense, spec, doc_lens, T)
+    found = check_kernels(tour, spec, doc_lens, 1, T, dtype, f"{len(lens)} documents {lens} packed into one row, "
+                          f"{_describe(1, T, s.heads, s.head_dim)}, causal")
+    qkv = _random((1, T, s.heads, s.head_dim), 3, tour.device, dtype)
+    for k in found:  # the packed output, split back into documents by the mask, against each document alone
+        out, _ = run_attention(k.backend, spec, qkv, doc_lens, None)
+        pieces = mask.split(out.cpu())
+        starts = np.cumsum([0, *lens])
+        alone = [run_attention("eager", spec, [t[:, a:b] for t in qkv], None, None)[0].cpu()
                  for a, b in zip(starts, starts[1:])]
-        return torch.cat(parts, dim=1)
-
-    shape1 = type(shape)(1, S, shape.heads, shape.kv_heads, shape.head_dim)
-    outputs = compare(tour, impls, random_qkv(shape1, dtype, tour.device), each_alone, TOLERANCE[dtype])
-    shown = next((i.name for i in impls if i.name == "xformers"), impls[-1].name)
-    pieces = mask.split(outputs[shown].cpu())  # back into documents: (1, len_i, N, H) each
-    refs = mask.split(outputs["reference"].cpu())
-    tour.say(f"  split: {[tuple(p.shape[1:2]) for p in pieces]} tokens per document ({shown})")
-    per_doc = [((p.float() - r).abs().max() / r.abs().max()).item() for p, r in zip(pieces, refs)]
-    tour.say("  per document, rel diff against the document alone: "
-             + ", ".join(f"{d:.1e}" for d in per_doc))
-    for i, d in enumerate(per_doc):
-        tour.metric("doc_rel", d, step=i)
+        errors = [rel_err(p, r) for p, r in zip(pieces, alone)]
+        for i, e in enumerate(errors):
+            tour.metric(f"{k.label}_alone_doc", e, step=i)
+        tour.check(f"{k.label}_alone", max(errors), tolerance(dtype, tour.device), shown=f"{k.shown}: documents "
+                   "as if alone", text=f"worst of {len(errors)} rel {max(errors):.2e}")
     _padding(tour, lens)
     _plot_mask(tour, dense, lens)
 
@@ -130,12 +102,10 @@ def _padding(tour: Tour, lens: list[int]) -> None:
              f"the batch; packed: 0.0%")
     tour.metric("padding_frac_padded", padded)
     tour.metric("padding_frac_packed", 0.0)
-    from ablate.tour.training import corpus  # the corpus is loaded once, for this and training
-
-    data, context = corpus(tour)
+    run = training.built(tour)
+    data, context = run.data, run.cfg.model.context
     length = data.train.docs.length
-    rows = np.ceil(length / context).sum()
-    padded_real = 1 - length.sum() / (rows * context)
+    padded_real = 1 - length.sum() / (np.ceil(length / context).sum() * context)
     batch = next(TrainLoader(data.train.docs, context, 8, 0, data.tokenizer))
     packed_real = batch.n_pad / batch.tokens.numel()
     tour.say(f"  padding, {len(length)} Shakespeare scenes (median {int(np.median(length))} tokens) in "
@@ -152,34 +122,22 @@ def _plot_mask(tour: Tour, dense: torch.Tensor, lens: list[int]) -> None:
     fig = Figure(figsize=(4.6, 4.2))
     ax = fig.add_subplot()
     ax.imshow((dense[::step, ::step] == 0).numpy(), cmap="Blues", interpolation="nearest")
-    ax.set_title(f"BlockDiagonalCausalMask, documents {lens}", fontsize=8)
+    ax.set_title(f"BlockDiagonalCausalMask, {len(lens)} documents", fontsize=8)
     ax.set_xlabel("key")
     ax.set_ylabel("query")
     tour.figure(fig)
 
 
 def gqa(tour: Tour) -> None:
-    """grouped-query attention: 5-D BMGHK against MHA with K/V repeated, and the KV cache saved"""
-    shape, dtype = shape_for(tour), tour.dtype
-    B, T, N, K, H = shape.rows, shape.length, shape.heads, shape.kv_heads, shape.head_dim
-    G = N // K
-    _header(tour, shape.describe(kv=True) + f" ({G} query heads per K/V head), causal", dtype)
+    """grouped-query attention against MHA with K/V repeated, xformers' 5-D BMGHK, the KV cache saved"""
+    s, dtype = shape_for(tour), tour.dtype
+    B, T, N, K, H = s.rows, s.length, s.heads, s.kv_heads, s.head_dim
     spec = AttentionSpec(N, K, H, causal=True)
-
-    def bmghk(xf):  # noqa: ANN001, ANN202 - xformers' grouped layout: no K/V copy, forward only
-        def attend(q, k, v):  # noqa: ANN001, ANN202
-            q5, k5, v5 = q.reshape(B, T, K, G, H), k[:, :, :, None].expand(B, T, K, G, H), \
-                v[:, :, :, None].expand(B, T, K, G, H)
-            return xf.attention(q5, k5, v5, attn_bias=xf.bias.LowerTriangularMask()).reshape(B, T, N, H)
-        return Impl("xformers", attend, grads=False)
-
-    impls = with_xformers(tour, "xformers 5-D BMGHK kernel", bmghk, project_impls(tour, spec, dtype))
-    bias = causal_bias(T, tour.device)
-
-    def mha_repeated(q, k, v):  # noqa: ANN001, ANN202
-        return vanilla_attention(q, k.repeat_interleave(G, dim=2), v.repeat_interleave(G, dim=2), bias)
-
-    compare(tour, impls, random_qkv(shape, dtype, tour.device, kv_heads=K), mha_repeated, TOLERANCE[dtype])
+    found = check_kernels(tour, spec, None, B, T, dtype, _describe(B, T, N, H, K) + f" ({N // K} query heads "
+                          "per K/V head), causal; the reference repeats K/V to N heads")
+    if any(k.label == "xformers" for k in found):  # forward without gradients: 5-D BMGHK, K/V not copied
+        tour.compared("xformers_bmghk", compare_to_reference("xformers", spec, None, B, T, dtype, tour.device.type,
+                                                             backward=False), "xformers 5-D BMGHK (forward)")
     size = torch.tensor([], dtype=dtype).element_size()
     mha_bytes, gqa_bytes = 2 * B * T * N * H * size, 2 * B * T * K * H * size
     tour.say(f"  KV cache of these {B}x{T} tokens, one layer: MHA {mha_bytes / 2**20:.1f} MiB, GQA "
@@ -191,43 +149,30 @@ def gqa(tour: Tour) -> None:
 
 
 def alibi(tour: Tour) -> None:
-    """ALiBi: the head slopes, the bias, and causal ALiBi attention against the reference"""
-    shape, dtype = shape_for(tour), tour.dtype
-    N, T = shape.heads, shape.length
+    """the head slopes, the bias, and causal ALiBi attention against the reference"""
+    s = shape_for(tour)
+    N = s.heads
     slopes = alibi_slopes(N)
     expected = torch.tensor([2.0 ** (-8.0 * (h + 1) / N) for h in range(N)])  # N a power of two
-    tour.say("  slopes: " + " ".join(f"{s:.4g}" for s in slopes.tolist()))
-    tour.check("slopes", (slopes - expected).abs().max().item(), 1e-7, scaled=False,
-               shown="slopes against 2^(-8h/N)", text=f"max|diff| {(slopes - expected).abs().max():.1e}")
-    bias = alibi_bias(slopes, T, causal=True)  # (1, N, T, T): -slope * (i - j)
-    row = bias[0, 0, 4, :5].tolist()
-    tour.say(f"  bias (1, N, T, T) = -slope * (i - j); head 0, query 4, keys 0..4: "
-             + " ".join(f"{x:.3g}" for x in row))
-    _header(tour, shape.describe() + ", causal + ALiBi", dtype)
-    spec = AttentionSpec(N, N, shape.head_dim, causal=True, alibi_slopes=slopes)
-
-    def xformers_alibi(xf):  # noqa: ANN001, ANN202 - LowerTriangularMaskWithTensorBias: forward only
-        def attend(q, k, v):  # noqa: ANN001, ANN202
-            tensor_bias = aligned_alibi(spec, q.shape[0], q.shape[1], q.dtype, q.device)
-            return xf.attention(q, k, v, attn_bias=xf.bias.LowerTriangularMaskWithTensorBias(tensor_bias))
-        return Impl("xformers", attend, grads=False)
-
-    impls = with_xformers(tour, "xformers LowerTriangularMaskWithTensorBias kernel", xformers_alibi,
-                          project_impls(tour, spec, dtype))
-    full = bias.to(tour.device) + causal_bias(T, tour.device)
-    compare(tour, impls, random_qkv(shape, dtype, tour.device),
-            lambda q, k, v: vanilla_attention(q, k, v, full), TOLERANCE[dtype])
-    _plot_alibi(tour, slopes)
+    tour.say("  slopes: " + " ".join(f"{x:.4g}" for x in slopes.tolist()))
+    diff = (slopes - expected).abs().max().item()
+    tour.check("slopes", diff, 1e-7, scaled=False, shown="slopes against 2^(-8h/N)", text=f"max|diff| {diff:.1e}")
+    row = alibi_bias(slopes, 5, causal=True)[0, 0, 4].tolist()
+    tour.say("  bias (1, N, T, T) = -slope * (i - j); head 0, query 4, keys 0..4: " + " ".join(f"{x:.3g}" for x in row))
+    spec = AttentionSpec(N, N, s.head_dim, causal=True, alibi=True)
+    check_kernels(tour, spec, None, s.rows, s.length, tour.dtype,
+                  _describe(s.rows, s.length, N, s.head_dim) + ", causal + ALiBi")
+    _plot_alibi(tour, spec, slopes)
 
 
-def _plot_alibi(tour: Tour, slopes: torch.Tensor) -> None:
+def _plot_alibi(tour: Tour, spec: AttentionSpec, slopes: torch.Tensor) -> None:
     from matplotlib.figure import Figure
 
     n = 32
-    bias = alibi_bias(slopes, n, causal=True)[0] + causal_bias(n, torch.device("cpu"))
+    bias = alibi_bias(slopes, n, causal=True)[0].masked_fill(~allowed_mask(spec, None, n, "cpu")[0], math.nan)
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     left, right = fig.subplots(1, 2)
-    image = left.imshow(bias[0].masked_fill(bias[0].isinf(), math.nan).numpy(), cmap="viridis")
+    image = left.imshow(bias[0].numpy(), cmap="viridis")
     left.set_title(f"head 0 (slope {slopes[0]:.3g}), causal", fontsize=9)
     left.set_xlabel("key j")
     left.set_ylabel("query i")

@@ -1,8 +1,7 @@
 """Section 7: a small GQA + RoPE + SwiGLU + RMSNorm language model trained on packed Shakespeare.
 
-Built the way `ablate.experiment.run` builds a run (composed config, `validate.plan`, the data
-pipeline, `LanguageModel`, `Trainer`), with the trainer's metrics sent into the tour's run under
-`tour/training/` instead of a run of their own.
+The run is built by `ablate.experiment.build_run` from a composed config, as `python run.py` builds
+one; only its tracker is the tour's: metrics go to the tour's run under `tour/training/`.
 """
 from __future__ import annotations
 
@@ -10,17 +9,11 @@ import time
 from collections import defaultdict
 
 import torch
-from omegaconf import DictConfig
 
 from ablate.config import compose
-from ablate.data import Data, build_data
-from ablate.experiment import seed_everything
-from ablate.models import LanguageModel, count_params
+from ablate.experiment import Built, build_run
 from ablate.tracking.mlflow import Tracker
-from ablate.train.loop import Trainer
-from ablate.train.metrics import flops_per_token, mean_attended_keys
 from ablate.tour.report import Tour
-from ablate.validate import plan
 
 COMMON = ["attention=gqa", "pos=rope", "mlp=swiglu", "norm=rmsnorm", "data=shakespeare", "tracking=none",
           "train.progress=false", "train.log_every=10", "data.max_val_batches=2"]
@@ -28,29 +21,21 @@ SIZES = {  # (device, quick): layers, d_model, query heads, K/V heads, context, 
     ("cuda", False): (4, 512, 8, 2, 1024, 16, 300, 3e-3),
     ("cuda", True): (2, 256, 4, 2, 512, 16, 150, 5e-3),
     ("cpu", False): (2, 128, 4, 2, 256, 8, 200, 5e-3),
-    ("cpu", True): (2, 64, 4, 2, 128, 8, 100, 1e-2),
+    ("cpu", True): (2, 64, 4, 2, 128, 8, 60, 1e-2),
 }
 LOSS_RATIO_LIMIT = 0.8  # mean train loss over the last tenth of the steps / the loss at step 0 (~ln vocab)
 
 
-def block_config(tour: Tour) -> DictConfig:
-    if "training.cfg" not in tour.shared:
+def built(tour: Tour) -> Built:
+    """The section's run, built once (the packed section reads its corpus too)."""
+    if "training" not in tour.shared:
         layers, d, heads, kv, context, rows, steps, lr = SIZES[(tour.device.type, tour.quick)]
-        overrides = [*COMMON, f"device={tour.device.type}", f"model.n_layers={layers}", f"model.d_model={d}",
-                     f"model.n_heads={heads}", f"attention.n_kv_heads={kv}", f"model.context={context}",
-                     f"train.batch_size={rows}", f"train.steps={steps}", f"train.eval_every={steps // 2}",
-                     f"train.warmup_steps={steps // 10}", f"train.lr={lr}"]
-        tour.shared["training.cfg"] = compose(overrides)
-    return tour.shared["training.cfg"]
-
-
-def corpus(tour: Tour) -> tuple[Data, int]:
-    """The Shakespeare data at the training section's context (loaded once), and that context."""
-    cfg = block_config(tour)
-    if "training.data" not in tour.shared:
-        tour.shared["training.data"] = build_data(cfg.data, context=cfg.model.context,
-                                                  batch_size=cfg.train.batch_size, seed=cfg.seed, vocab_size=None)
-    return tour.shared["training.data"], cfg.model.context
+        tour.shared["training"] = build_run(compose([
+            *COMMON, f"device={tour.device.type}", f"model.n_layers={layers}", f"model.d_model={d}",
+            f"model.n_heads={heads}", f"attention.n_kv_heads={kv}", f"model.context={context}",
+            f"train.batch_size={rows}", f"train.steps={steps}", f"train.eval_every={steps // 2}",
+            f"train.warmup_steps={steps // 10}", f"train.lr={lr}"]))
+    return tour.shared["training"]
 
 
 class SectionTracker(Tracker):
@@ -75,41 +60,35 @@ class SectionTracker(Tracker):
 
 def training(tour: Tour) -> None:
     """GQA + RoPE + SwiGLU + RMSNorm trained on packed Shakespeare: loss, tokens/s, memory"""
-    cfg = block_config(tour)
-    the_plan = plan(cfg)
-    seed_everything(cfg.seed, cfg.deterministic, the_plan.device)
-    data, context = corpus(tour)
-    model = LanguageModel(cfg, data.tokenizer.vocab_size, the_plan.backend).to(the_plan.device)
-    m, t = cfg.model, cfg.train
-    fpt = flops_per_token(count_params(model, non_embedding=True), m.n_layers, m.d_model,
-                          mean_attended_keys(data.val_batches()[0].doc_lens, cfg.attention.window))
-    what = (f"{m.n_layers} layers, d={m.d_model}, {m.n_heads} query / {cfg.attention.n_kv_heads} K/V heads, "
-            f"{count_params(model) / 1e6:.2f}M params; rows of {context} tokens x {t.batch_size}, "
-            f"{t.steps} steps, lr {t.lr}; backend {the_plan.backend.name} "
-            f"({str(the_plan.dtype).replace('torch.', '')})")
+    run = built(tour)
+    m, t, trainer = run.cfg.model, run.cfg.train, run.trainer
+    what = (f"{m.n_layers} layers, d={m.d_model}, {m.n_heads} query / {run.cfg.attention.n_kv_heads} K/V heads, "
+            f"{run.n_params / 1e6:.2f}M params; rows of {m.context} tokens x {t.batch_size}, {t.steps} steps, "
+            f"lr {t.lr}; backend {run.plan.backend.name} ({str(run.plan.dtype).replace('torch.', '')}"
+            f"{', compiled' if run.plan.compile else ''})")
     tour.say(f"  {what}")
-    tour.say(f"  data: {data.stats['n_train_docs']} Shakespeare scenes, {data.stats['train_tokens']:,} "
-             f"tokens ({data.tokenizer.name} tokenizer), documents packed end to end")
+    tour.say(f"  data: {run.data.stats['n_train_docs']} Shakespeare scenes, {run.data.stats['train_tokens']:,} "
+             f"tokens ({run.data.tokenizer.name} tokenizer), documents packed end to end")
     tour.param("model", what)
     if tour.cuda:
         torch.cuda.reset_peak_memory_stats(tour.device)
-    tracker = SectionTracker(tour)
-    trainer = Trainer(model, data, cfg, tracker, the_plan.device, fpt)
+    trainer.tracker = tracker = SectionTracker(tour)
     start = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - start
     losses = [v for _, v in tracker.series["train/loss"]]
     tenth = max(1, len(losses) // 10)
     first, last = losses[0], sum(losses[-tenth:]) / tenth
-    tour.check("loss_ratio", last / first, LOSS_RATIO_LIMIT, scaled=False,
-               shown="train loss, last tenth / step 0",
+    tour.check("loss_ratio", last / first, LOSS_RATIO_LIMIT, scaled=False, shown="train loss, last tenth / step 0",
                text=f"{first:.3f} -> {last:.3f} (x{last / first:.2f})")
     perf = getattr(trainer, "last_perf", {})
-    memory = "peak allocated" if tour.cuda else "process peak resident"
-    tour.say(f"  val/loss {result.get('val/loss', float('nan')):.3f}, val/bpb "
-             f"{result.get('val/bpb', float('nan')):.3f}; {perf.get('perf/tokens_per_s', 0):,.0f} tokens/s "
-             f"(last {t.log_every} steps), {seconds:.1f} s in all; {memory} memory "
-             f"{perf.get('perf/peak_mem_gib', 0):.2f} GiB; training padding {data.padding_frac('train'):.1%}")
+    mfu = f", MFU {perf['perf/mfu']:.1%}" if "perf/mfu" in perf else ""
+    nan = float("nan")
+    tour.say(f"  val/loss {result.get('val/loss', nan):.3f}, val/bpb {result.get('val/bpb', nan):.3f}; "
+             f"{perf.get('perf/tokens_per_s', 0):,.0f} tokens/s (last {t.log_every} steps){mfu}, {seconds:.1f} s "
+             f"in all; {'peak allocated' if tour.cuda else 'process peak resident'} memory "
+             f"{perf.get('perf/peak_mem_gib', 0):.2f} GiB; {trainer.meter.flops_per_token() / 1e6:.1f} MFLOP "
+             f"a token; training padding {run.data.padding_frac('train'):.1%}")
     tour.metric("wall_seconds", seconds)
     _plot(tour, tracker, what)
 
