@@ -15,7 +15,7 @@ import sqlite3
 import tempfile
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 from urllib.parse import unquote, urlsplit
@@ -126,7 +126,7 @@ def _check_sqlite(uri: str) -> list[str]:
                 f"e.g. tracking.uri=sqlite:///{(db / 'mlflow.db').resolve()}"]
     problem = _unwritable(db.parent)  # SQLite writes its journal beside the database
     if problem:
-        return [f"tracking.uri={uri}: {problem}; make it writable or point tracking.uri elsewhere"]
+        return [f"tracking.uri={uri}: {problem}; point tracking.uri at a file in a writable folder"]
     if not db.exists():
         return []
     if not os.access(db, os.R_OK | os.W_OK, effective_ids=os.access in os.supports_effective_ids):
@@ -144,7 +144,7 @@ def _check_sqlite(uri: str) -> list[str]:
 def _check_schema(uri: str, db: Path) -> list[str]:
     """A half-finished schema migration leaves `_alembic_tmp_*` tables that break every later open."""
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as con:
+        with closing(sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True, timeout=10)) as con:
             tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
     except sqlite3.Error as err:
         return [f"tracking.uri={uri}: {db} cannot be read as a SQLite database ({err}); point tracking.uri "
@@ -163,10 +163,10 @@ def _check_folder_store(uri: str) -> list[str]:
     path = Path(unquote(urlsplit(uri).path) if uri.startswith("file:") else uri)
     if MLFLOW_ALLOW_FILE_STORE.get():  # the user opted in to MLflow's folder store
         return check_writable(path, "tracking.uri")
-    db = (path / "mlflow.db") if path.suffix != ".db" else path
+    db = (path if path.suffix == ".db" else path.parent / "mlflow.db").resolve()
     return [f"tracking.uri={uri}: MLflow 3 no longer opens a folder as a store; use a SQLite file, "
-            f"e.g. tracking.uri=sqlite:///{db.resolve()} (runs already in a folder store: "
-            f"mlflow migrate-filestore --source <folder> --target sqlite:///{db.resolve()})"]
+            f"e.g. tracking.uri=sqlite:///{db} (to bring runs over from an existing folder store: "
+            f"mlflow migrate-filestore --source {path.resolve()} --target sqlite:///{db})"]
 
 
 def _check_server(uri: str) -> list[str]:
