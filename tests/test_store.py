@@ -140,11 +140,15 @@ def test_a_folder_as_the_sqlite_file_is_refused_at_once(tmp_path):
     assert time.monotonic() - start < 1, message
 
 
-def test_a_file_that_is_not_a_sqlite_database_is_refused(tmp_path):
+def test_a_file_that_is_not_an_mlflow_database_is_refused(tmp_path):
     (tmp_path / "notes.db").write_text("a text file, not a store\n" * 10)
     _one(check_store(f"sqlite:///{tmp_path}/notes.db"), "notes.db", "not a SQLite database")
     (tmp_path / "empty.db").touch()  # SQLite makes an empty file a new database
     assert check_store(f"sqlite:///{tmp_path}/empty.db") == []
+    with closing(sqlite3.connect(tmp_path / "other.db")) as con:
+        con.execute("CREATE TABLE invoices (id INTEGER)")
+        con.commit()
+    _one(check_store(f"sqlite:///{tmp_path}/other.db"), "something else", "invoices")
 
 
 def test_a_store_left_half_migrated_is_refused_with_the_repair(tmp_path):

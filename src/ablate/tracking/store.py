@@ -142,13 +142,19 @@ def _check_sqlite(uri: str) -> list[str]:
 
 
 def _check_schema(uri: str, db: Path) -> list[str]:
-    """A half-finished schema migration leaves `_alembic_tmp_*` tables that break every later open."""
+    """The database is MLflow's, and no half-finished schema migration left `_alembic_tmp_*` tables
+    (they break every later open)."""
     try:
         with closing(sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True, timeout=10)) as con:
             tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
     except sqlite3.Error as err:
+        if "locked" in str(err):
+            return []  # busy with a long write: it is a working database
         return [f"tracking.uri={uri}: {db} cannot be read as a SQLite database ({err}); point tracking.uri "
                 "at an MLflow store or at a new file"]
+    if tables and not {"experiments", "alembic_version"} & set(tables):
+        return [f"tracking.uri={uri}: {db} is a SQLite database of something else (tables: "
+                f"{', '.join(sorted(tables)[:5])}); point tracking.uri at an MLflow store or at a new file"]
     stale = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
     if stale:
         return [f"tracking.uri={uri}: an interrupted schema migration left the table(s) {', '.join(stale)} in "
