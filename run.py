@@ -1,4 +1,7 @@
-"""Entry point: `python run.py [group=option ...]`, or `python run.py -m attention=gqa,mha pos=alibi`."""
+"""Entry point: `python run.py [group=option ...]`, or `python run.py -m attention=gqa,mha pos=alibi`.
+
+A refused configuration prints its reasons and exits with status 2; `python run.py --help` lists the groups.
+"""
 import os
 import sys
 from pathlib import Path
@@ -18,10 +21,12 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from ablate.experiment import run
+    from ablate.cli import run_job
 
-    return run(cfg)
+    return run_job(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    from ablate import cli
+
+    cli.main(main)

@@ -114,31 +114,7 @@ def check_io(cfg: DictConfig) -> None:
 
 
 def _tracking(cfg: DictConfig) -> list[str]:
-    import os
-    from pathlib import Path
+    """The store must be reachable now: a sweep that cannot log should not train first."""
+    from ablate.tracking.store import check_tracking
 
-    if cfg.tracking.name != "mlflow":
-        return []
-    from ablate.tracking.mlflow import resolve_uri
-
-    try:
-        uri = resolve_uri(cfg)
-    except OSError as err:
-        return [f"tracking.uri: cannot create the store's folder ({err}); point tracking.uri elsewhere"]
-    scheme = uri.split(":", 1)[0] if ":" in uri else "file"
-    if scheme == "sqlite":
-        folder = Path(uri[len("sqlite:///"):]).parent
-        if not os.access(folder, os.W_OK):
-            return [f"tracking.uri={uri}: the folder {folder} is not writable; choose a writable path"]
-    elif scheme in ("http", "https"):
-        import urllib.error
-        import urllib.request
-
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3).close()
-        except (urllib.error.URLError, OSError) as err:
-            return [f"tracking.uri={uri} is unreachable ({err}); start the server, fix the address, "
-                    "or use tracking=none"]
-    elif scheme not in ("file", "databricks", "postgresql", "mysql", "mssql"):
-        return [f"tracking.uri={uri}: unknown scheme '{scheme}'; use sqlite:///path, http(s)://host or a folder"]
-    return []
+    return check_tracking(cfg)

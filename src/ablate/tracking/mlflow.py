@@ -16,12 +16,7 @@ PARENT_TAG = "mlflow.parentRunId"
 def resolve_uri(cfg: DictConfig) -> str:
     """tracking.uri, else $MLFLOW_TRACKING_URI, else a sqlite store at <root>/outputs/mlflow.db."""
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        db = Path(cfg.paths.output_dir).resolve() / "mlflow.db"
-        uri = f"sqlite:///{db}"
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return uri
+    return uri or f"sqlite:///{Path(cfg.paths.output_dir).resolve() / 'mlflow.db'}"
 
 
 def _artifact_root(uri: str) -> str | None:
@@ -78,9 +73,9 @@ class MlflowTracker(Tracker):
 
     def __init__(self, uri: str, experiment: str, run_name: str | None, tags: dict[str, str],
                  run_id: str | None = None):
-        from mlflow.tracking import MlflowClient
+        from ablate.tracking.store import open_client
 
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = open_client(uri)
         self.uri = uri
         self.experiment_id = get_or_create_experiment(self.client, experiment, uri)
         if run_id is not None:  # resuming: reopen the same run

@@ -2,10 +2,15 @@
 
 Each job finds the parent's id in `<sweep dir>/parent_run_id` and tags its own run as a child, so
 launchers that run jobs in other processes (joblib, Slurm) nest the same way as the basic one.
+No parent, no sweep: Hydra turns a callback's exception into a warning, so a store that is refused
+or a parent run that cannot be made ends the multirun with SystemExit (not an Exception), before
+any job starts.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +41,26 @@ class SweepParentRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.tracking.name == "none":
             return
-        from ablate.tracking.mlflow import open_tracker
+        from ablate.tracking.mlflow import open_tracker, resolve_uri
+        from ablate.tracking.store import check_tracking
 
+        problems = check_tracking(config)
+        if problems:
+            _stop("the configuration cannot run:\n  - " + "\n  - ".join(problems), status=2)
         overrides = " ".join(config.hydra.overrides.task)
         sweep_dir = Path(config.hydra.sweep.dir)
-        self.tracker = open_tracker(
-            config, run_name=f"sweep {sweep_dir.name}", tags={"ablate.sweep": overrides or "(defaults)"}
-        )
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / PARENT_FILE).write_text(self.tracker.run_id)
+        try:
+            self.tracker = open_tracker(
+                config, run_name=f"sweep {sweep_dir.name}", tags={"ablate.sweep": overrides or "(defaults)"}
+            )
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            (sweep_dir / PARENT_FILE).write_text(self.tracker.run_id)
+        except Exception as err:  # noqa: BLE001 - every failure stops the sweep, named
+            if self.tracker is not None:
+                with contextlib.suppress(Exception):
+                    self.tracker.finish("FAILED", error=err)
+            _stop(f"the sweep's parent MLflow run could not be created in {resolve_uri(config)} "
+                  f"({type(err).__name__}: {err}); no job was started", status=1)
         atexit.register(self.close)  # also when a failed job makes the sweeper raise
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -61,3 +77,8 @@ class SweepParentRun(Callback):
         failed = [r for r in children if r.info.status != "FINISHED"]
         self.tracker.log_metrics({"sweep/runs": len(children), "sweep/failed": len(failed)}, step=0)
         self.tracker.finish("FAILED" if failed or not children else "FINISHED")
+
+
+def _stop(message: str, status: int) -> None:
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(status)
