@@ -1,6 +1,8 @@
 """Kills and restarts: a re-run of the same command resumes into the same MLflow run and ends where an
-uninterrupted run ends; parallel jobs share one store."""
+uninterrupted run ends, with each metric step logged once; a dead run is ended; parallel jobs share one store."""
+import multiprocessing
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -9,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
-from ablate.config import project_root
+from ablate.config import compose, project_root
+from ablate.experiment import run
 
 ROOT = project_root()
 STEPS, EVERY = 300, 50
@@ -100,3 +104,127 @@ def test_parallel_jobs_share_one_store(tmp_path):
         assert r.info.status == "FINISHED"
         assert len(client.get_metric_history(r.info.run_id, "train/loss")) == 6
         assert "val/loss" in r.data.metrics and "perf/tokens_per_s" in r.data.metrics
+
+
+# ---- jobs killed at chosen moments: forked from a server that has imported torch and mlflow once, so a
+# restart costs the run's own start (data, store), not the imports
+
+JOBS = multiprocessing.get_context("forkserver")
+JOBS.set_forkserver_preload(["ablate.experiment", "mlflow.store.tracking.sqlalchemy_store", "torch._inductor"])
+TINY = ["train=smoke", "model.n_layers=1", "model.d_model=64", "model.context=128", "train.batch_size=4",
+        "data.max_val_batches=2"]
+
+
+def job_config(tmp_path, *overrides):
+    cfg = compose([*TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"paths.output_dir={tmp_path}", *overrides])
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def start(cfg, report: Path | None = None):
+    proc = JOBS.Process(target=run_and_report, args=(cfg, report))
+    proc.start()
+    return proc
+
+
+def run_and_report(cfg, report: Path | None) -> None:
+    """The job's body: run(cfg), writing the error it ends with (if any) to `report`."""
+    try:
+        run(cfg)
+    except BaseException as err:
+        if report is not None:
+            report.write_text(f"{type(err).__name__}: {err}")
+        raise
+
+
+def wait_for(condition, proc, timeout=120.0) -> bool:
+    """Poll `condition` until it holds (True), or `proc` ended or time ran out (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.is_alive():
+        if condition():
+            return True
+        time.sleep(0.001)
+    return condition()
+
+
+def all_runs(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("ablate")
+    return client, ([] if exp is None else client.search_runs([exp.experiment_id]))
+
+
+def stored_runs(db: Path) -> int:
+    """Runs in a sqlite store, read without MLflow (which would race the job creating the store's tables)."""
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return 0
+    try:
+        return conn.execute("select count(*) from runs").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+    finally:
+        conn.close()
+
+
+def steps_of(client, run_id, key):
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+@pytest.mark.slow
+def test_a_run_whose_process_died_is_ended_when_the_next_run_starts(tmp_path):
+    cfg = job_config(tmp_path, "train.steps=100000", "train.checkpoint_every=100000")  # dies before any checkpoint
+    proc = start(cfg)
+    assert wait_for(lambda: stored_runs(tmp_path / "mlflow.db") > 0, proc)
+    proc.kill()
+    proc.join()
+    client, (dead,) = all_runs(tmp_path)
+    assert dead.info.status == "RUNNING"
+    run(job_config(tmp_path, "seed=1", "train.steps=2"))  # another configuration, the same store
+    client, found = all_runs(tmp_path)
+    dead = client.get_run(dead.info.run_id)
+    assert dead.info.status == "KILLED" and dead.data.tags["ablate.end_reason"] == "process_gone"
+    assert dead.info.end_time is not None
+    assert sorted(r.info.status for r in found) == ["FINISHED", "KILLED"]
+
+
+def test_a_reopened_run_logs_only_the_steps_its_store_lacks(tmp_path):
+    from ablate.tracking.mlflow import MlflowTracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first = MlflowTracker(uri, "ablate", "first", {})
+    for step in range(6):
+        first.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
+    first.log_metrics({"val/loss": 2.0}, 4)
+    first.flush()  # the process dies here, its checkpoint at step 2
+    again = MlflowTracker(uri, "ablate", None, {}, run_id=first.run_id)
+    for step in range(2, 9):
+        again.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
+        if step % 4 == 0:
+            again.log_metrics({"val/loss": 2.0}, step)
+    again.finish()
+    client = again.client
+    assert steps_of(client, first.run_id, "train/loss") == list(range(9))
+    assert steps_of(client, first.run_id, "val/loss") == [4, 8]
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_a_checkpoint_of_a_run_the_store_lacks_is_refused_with_the_fix(tmp_path):
+    from ablate.tracking.mlflow import MlflowTracker
+
+    with pytest.raises(RuntimeError, match="train.resume=false"):
+        MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "ablate", None, {}, run_id="0" * 32)
+
+
+def test_a_process_is_known_by_its_pid_and_start_time():
+    import os
+
+    from ablate.processes import identity, is_running
+
+    me = identity()
+    assert me["pid"] == str(os.getpid()) and me["host"]
+    assert is_running(os.getpid(), me["start"])
+    assert not is_running(os.getpid(), me["start"] + "0")  # the same pid, another process: pid reused
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert not is_running(gone.pid)

@@ -69,11 +69,7 @@ class Trainer:
         self.optimizer = make_optimizer(model, self.t)
         self.state = LoopState()
         self.flops_per_token = flops_per_token
-        # with checkpoints, metrics reach the store only together with a checkpoint, so that a resumed
-        # run neither repeats nor skips a step beyond the last checkpoint
         self.checkpoint_dir = checkpoint_dir if self.t.checkpoint_every else None
-        if self.checkpoint_dir is not None:
-            tracker.FLUSH_SECONDS = float("inf")
         # the handler only sets `_signal`; `_stop` is what the ranks agreed on after a step (a signal that
         # lands while that agreement is under way is then not overwritten, but agreed on after the next step)
         self._signal: str | None = None
@@ -113,8 +109,7 @@ class Trainer:
         result = evaluate(self.model, self.data.val_batches(), self.device, self.autocast, **split)
         self.tracker.log_metrics(result, step=self.state.step)
         self.state.history.append({"step": self.state.step, **result})
-        if self.checkpoint_dir is None:
-            self.tracker.flush()
+        self.tracker.flush()
         return result
 
     def save_checkpoint(self, final: bool = False) -> None:
