@@ -1,6 +1,9 @@
 """Kills and restarts: a re-run of the same command resumes into the same MLflow run and ends where an
-uninterrupted run ends, with each metric step logged once; a dead run is ended; parallel jobs share one store."""
+uninterrupted run ends, with each metric step logged once; a dead run is ended, a running one is not
+joined; parallel jobs share one store."""
+import logging
 import multiprocessing
+import random
 import signal
 import sqlite3
 import subprocess
@@ -15,6 +18,7 @@ from omegaconf import OmegaConf
 
 from ablate.config import compose, project_root
 from ablate.experiment import run
+from ablate.train import checkpoint
 
 ROOT = project_root()
 STEPS, EVERY = 300, 50
@@ -42,7 +46,7 @@ def kill_after_checkpoint(cmd, sig, min_step):
         found = list(folder.glob("checkpoints/*/last.pt"))
         if found:
             try:
-                step = torch.load(found[0], weights_only=False)["step"]
+                step = torch.load(found[0], weights_only=True)["step"]
             except Exception:  # noqa: BLE001 - the file is being replaced; look again
                 step = 0
             if step >= min_step:
@@ -169,6 +173,79 @@ def stored_runs(db: Path) -> int:
 
 def steps_of(client, run_id, key):
     return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _stat(path: Path):
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+@pytest.mark.slow
+def test_every_step_is_logged_exactly_once_across_random_kills(tmp_path, caplog):
+    steps, kills = 240, 9
+    cfg = job_config(tmp_path, f"train.steps={steps}", "train.checkpoint_every=3", "train.eval_every=10",
+                     "train.log_every=1")
+    folder = checkpoint.checkpoint_dir(cfg)
+    all_runs(tmp_path)  # creates the store first: a kill while MLflow creates a sqlite store's tables breaks it
+    last, rng, torn_writes = folder / "last.pt", random.Random(7), 0
+    for i in range(kills):
+        before = _stat(last)
+        proc = start(cfg)
+        if i == 0:  # while the run starts, before its first checkpoint
+            time.sleep(rng.uniform(0.5, 2.0))
+        elif i % 3 == 1:  # in the middle of writing a checkpoint
+            wait_for(lambda: any(folder.glob(f".*.{proc.pid}.tmp")), proc)
+        else:  # at a random moment after this process wrote a checkpoint
+            wait_for(lambda: _stat(last) not in (None, before), proc)
+            time.sleep(rng.uniform(0.0, 0.2))
+        assert proc.is_alive(), f"kill {i}: the run ended by itself (exit code {proc.exitcode})"
+        proc.kill()
+        proc.join()
+        torn_writes += any(folder.glob(f".*.{proc.pid}.tmp"))
+    assert torn_writes >= 1, "no kill landed while a checkpoint was being written"
+    fallback = torch.load(folder / "previous.pt", weights_only=True)["step"]
+    last.write_bytes(last.read_bytes()[:1000])  # and the last checkpoint is torn as well
+
+    with caplog.at_level(logging.WARNING, logger="ablate"):
+        run(cfg)
+    assert "previous.pt" in caplog.text
+    client, found = all_runs(tmp_path)
+    (done,) = [r for r in found if r.info.status == "FINISHED"]
+    assert done.data.tags["ablate.resumed_from_step"] == str(fallback)
+    assert steps_of(client, done.info.run_id, "train/loss") == list(range(steps))
+    val = steps_of(client, done.info.run_id, "val/loss")
+    assert val == sorted(set(val)) == list(range(10, steps + 1, 10))
+    for r in found:  # runs killed before their first checkpoint were ended, none is left RUNNING
+        assert r.info.status in ("FINISHED", "KILLED"), (r.info.run_id, r.info.status)
+        if r.info.status == "KILLED":
+            assert r.data.tags["ablate.end_reason"] == "process_gone"
+    assert sorted(p.name for p in folder.iterdir()) == ["final.pt", "lock"]  # no temporary file left
+
+
+@pytest.mark.slow
+def test_a_second_identical_command_is_refused_while_the_first_runs(tmp_path):
+    cfg = job_config(tmp_path, "train.steps=100000", "train.checkpoint_every=5")
+    first = start(cfg)
+    folder = checkpoint.checkpoint_dir(cfg)
+    try:
+        assert wait_for(lambda: (folder / "last.pt").exists(), first)
+        report = tmp_path / "second.txt"
+        second = start(cfg, report)
+        second.join(timeout=60)
+        alive = second.is_alive()
+        if alive:
+            second.kill()
+        assert not alive and second.exitcode != 0, "the second command ran beside the first"
+        message = report.read_text()
+        assert f"pid {first.pid}" in message and str(folder) in message, message
+        client, (only,) = all_runs(tmp_path)  # the second never touched the store
+        assert only.info.status == "RUNNING" and only.data.tags["ablate.pid"] == str(first.pid)
+    finally:
+        first.kill()
+        first.join()
 
 
 @pytest.mark.slow

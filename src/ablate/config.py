@@ -85,6 +85,7 @@ class TrainConfig:
     eval_every: int = 100
     log_every: int = 10
     checkpoint_every: int = 0  # 0: no checkpoints
+    resume: bool = True  # continue from this configuration's checkpoint; false: a new run (the old one is kept)
     compile: bool = False
     progress: bool = True
     parallel: str = "ddp"  # under torchrun: ddp (replicated model) | fsdp (sharded, FSDP2); one process: unused

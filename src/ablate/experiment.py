@@ -13,7 +13,7 @@ from ablate.data import build_data
 from ablate.models import LanguageModel, count_params
 from ablate.tracking.mlflow import Tracker, flatten, git_commit, open_tracker
 from ablate.tracking.sweep import parent_run_id
-from ablate.train import checkpoint, distributed
+from ablate.train import checkpoint, distributed, resume
 from ablate.train.distributed import Dist
 from ablate.train.loop import Trainer
 from ablate.train.metrics import flops_per_token, mean_attended_keys
@@ -46,7 +46,7 @@ def run(cfg: DictConfig) -> float:
         raise ConfigError(f"the configuration cannot run:\n  - train.parallel='{cfg.train.parallel}' is unknown; "
                           f"choose one of: {', '.join(distributed.PARALLEL)}")
     # under torchrun: this rank's process group and device; in a multirun on a GPU host: a free GPU
-    with distributed.placement(cfg, the_plan.device) as (dist, device):
+    with distributed.placement(cfg, the_plan.device) as (dist, device), resume.exclusive(cfg, dist):
         return _run(cfg, replace(the_plan, device=device), dist)
 
 
@@ -71,7 +71,7 @@ def _run(cfg: DictConfig, the_plan: Plan, dist: Dist) -> float:
                       seed=cfg.seed, vocab_size=None)
     overrides = _overrides()
     ckpt_dir = checkpoint.checkpoint_dir(cfg, dist.world_size) if cfg.train.checkpoint_every else None
-    previous = checkpoint.load(ckpt_dir / "last.pt") if ckpt_dir else None
+    previous = resume.previous_state(cfg, data, dist)  # refuses a foreign checkpoint or other data, before the store
     # one MLflow run per job: rank 0 opens it, the other ranks log nowhere
     tracker = open_tracker(cfg, run_name=cfg.tracking.run_name or overrides or "defaults",
                            tags=_tags(cfg, the_plan, overrides, dist),

@@ -116,10 +116,7 @@ class Trainer:
         self.tracker.flush()
         payload = checkpoint.trainer_payload(self, self.tracker.run_id)  # every rank: FSDP gathers here
         if self.dist.is_main:
-            path = self.checkpoint_dir / "last.pt"
-            checkpoint.save(path, payload)
-            if final:
-                path.replace(path.with_name("final.pt"))
+            checkpoint.save(self.checkpoint_dir / "last.pt", payload, final=final)
         self.dist.barrier()
 
     @contextmanager
