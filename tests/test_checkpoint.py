@@ -1,5 +1,5 @@
 """Checkpoint files: loaded without running code, written atomically in two generations (a corrupt last one
-falls back to the one before), write failures named clearly."""
+falls back to the one before), write failures named clearly, and a folder per configuration *and* store."""
 import errno
 import logging
 import os
@@ -144,6 +144,20 @@ def test_stale_temp_files_of_dead_processes_are_removed_when_a_run_starts(tmp_pa
     assert sorted(p.name for p in folder.iterdir() if p.name != "lock") == ["final.pt"]
 
 
+def test_the_checkpoint_folder_depends_on_the_tracking_store(tmp_path, monkeypatch):
+    base = ["train=smoke", f"paths.output_dir={tmp_path}"]
+    a = checkpoint.config_key(compose([*base, f"tracking.uri=sqlite:///{tmp_path}/a.db"]))
+    assert a == checkpoint.config_key(compose([*base, f"tracking.uri=sqlite:///{tmp_path}/a.db"]))
+    assert a != checkpoint.config_key(compose([*base, f"tracking.uri=sqlite:///{tmp_path}/b.db"]))
+    assert a != checkpoint.config_key(compose([*base, "tracking=none"]))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/a.db")
+    assert a == checkpoint.config_key(compose(base))  # the store resolved from the environment
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/c.db")
+    assert a != checkpoint.config_key(compose(base))
+    # neither where a run saves nor whether it resumes shapes its numbers
+    assert checkpoint.config_key(compose([*base, "train.resume=false"])) == checkpoint.config_key(compose(base))
+
+
 def test_checkpoints_hold_only_plain_types_and_restore_every_generator(tmp_path):
     import random
 
@@ -159,3 +173,24 @@ def test_checkpoints_hold_only_plain_types_and_restore_every_generator(tmp_path)
     checkpoint.set_rng_state(checkpoint.load(tmp_path / "last.pt")["rng"])
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(want[0], got[0]) and (want[1] == got[1]).all() and want[2] == got[2]
+
+
+def test_the_data_fingerprint_sees_a_one_character_edit(tmp_path):
+    from ablate.data import build_data
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"doc{i:02d}.txt").write_text(f"document {i}: " + "to be or not to be " * (20 + i))
+    cfg = compose(["data=text", f"data.paths=[{corpus}]", "data.val_per_mille=200"])
+
+    def fingerprint():
+        return checkpoint.data_fingerprint(build_data(cfg.data, context=64, batch_size=4, seed=0))
+
+    before = fingerprint()
+    assert before == fingerprint()
+    doc = corpus / "doc17.txt"
+    text = doc.read_text()
+    doc.write_text(text[:40] + ("X" if text[40] != "X" else "Y") + text[41:])  # same length
+    after = fingerprint()
+    assert after != before and (after["train"] != before["train"] or after["val"] != before["val"])

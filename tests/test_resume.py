@@ -1,6 +1,6 @@
 """Kills and restarts: a re-run of the same command resumes into the same MLflow run and ends where an
 uninterrupted run ends, with each metric step logged once; a dead run is ended, a running one is not
-joined; parallel jobs share one store."""
+joined, edited data is refused; parallel jobs share one store."""
 import logging
 import multiprocessing
 import random
@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from ablate.config import compose, project_root
+from ablate.data import val_bucket
 from ablate.experiment import run
 from ablate.train import checkpoint
 
@@ -263,6 +264,55 @@ def test_a_run_whose_process_died_is_ended_when_the_next_run_starts(tmp_path):
     assert dead.info.status == "KILLED" and dead.data.tags["ablate.end_reason"] == "process_gone"
     assert dead.info.end_time is not None
     assert sorted(r.info.status for r in found) == ["FINISHED", "KILLED"]
+
+
+def _edit(paths: list[Path], at: int, grow: bool = False) -> dict[Path, str]:
+    """Change the character at `at` of each file (or double it, with `grow`); returns the texts before."""
+    before = {}
+    for path in paths:
+        text = before[path] = path.read_text()
+        path.write_text(text[:at] + ("XX" if grow else "X" if text[at] != "X" else "Y") + text[at + 1 :])
+    return before
+
+
+@pytest.mark.slow
+def test_edited_data_is_refused_before_the_run_is_reopened(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    words = random.Random(0).choices(["to", "be", "or", "not", "that", "is", "the", "question"], k=60000)
+    for i in range(40):
+        (corpus / f"doc{i:02d}.txt").write_text(" ".join(words[i * 1500 : (i + 1) * 1500]))
+    val_docs = [p for p in sorted(corpus.iterdir()) if val_bucket(f"{p.name}#0") < 200]
+    train_doc = next(p for p in sorted(corpus.iterdir()) if p not in val_docs)
+    data = ["data=text", f"data.paths=[{corpus}]", "data.val_per_mille=200"]
+    cfg = job_config(tmp_path, *data, "train.steps=40", "train.checkpoint_every=2")
+    folder = checkpoint.checkpoint_dir(cfg)
+    proc = start(cfg)
+    assert wait_for(lambda: (folder / "last.pt").exists(), proc)
+    proc.kill()
+    proc.join()
+    client, (killed,) = all_runs(tmp_path)
+
+    for docs, split, grow in ((val_docs, "validation", False), ([train_doc], "training", False),
+                              ([train_doc], "training", True)):
+        original = _edit(docs, 100, grow)
+        with pytest.raises(Exception) as err:
+            run(cfg)
+        message = str(err.value)
+        assert isinstance(err.value, checkpoint.CheckpointError), message
+        assert split in message and str(folder) in message and "train.resume=false" in message, message
+        client, found = all_runs(tmp_path)
+        assert [r.info.run_id for r in found] == [killed.info.run_id]
+        assert found[0].info.status == "RUNNING", "the good run was reopened or marked"
+        for doc, text in original.items():
+            doc.write_text(text)
+
+    _edit([train_doc], 100)
+    run(job_config(tmp_path, *data, "train.steps=40", "train.checkpoint_every=2", "train.resume=false"))
+    client, found = all_runs(tmp_path)
+    status = {r.info.run_id: r.info.status for r in found}
+    assert len(found) == 2 and status.pop(killed.info.run_id) == "KILLED" and list(status.values()) == ["FINISHED"]
+    assert [p.name for p in folder.glob("set-aside-*/last.pt")] == ["last.pt"]  # the old checkpoint is kept
 
 
 def test_a_reopened_run_logs_only_the_steps_its_store_lacks(tmp_path):

@@ -1,7 +1,8 @@
 """Checkpoints: everything a run needs to continue exactly where it stopped, written atomically.
 
 A run's checkpoints live in `<output_dir>/checkpoints/<config hash>/`, so re-running the same
-command finds them. A checkpoint is written to a temporary file of its process, flushed to disk, then renamed to
+command finds them; the hash covers the tracking store, so that a run resumes only into the store that
+holds it. A checkpoint is written to a temporary file of its process, flushed to disk, then renamed to
 `last.pt`; the one it replaces becomes `previous.pt`, so a torn `last.pt` falls back to the one before.
 A finished run's checkpoint is `final.pt`, never resumed from (the same command then starts a new run).
 A data-parallel run of N ranks keeps its own folder, `<config hash>-<train.parallel>x<N>`: rank 0 writes
@@ -21,6 +22,7 @@ import pickle
 import random
 import re
 import shutil
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +51,18 @@ class CorruptCheckpoint(CheckpointError):
     """A checkpoint file of the project that is torn or unreadable (an older one may still serve)."""
 
 
+def tracking_store(cfg: DictConfig) -> str:
+    """The store a run logs to: the resolved MLflow tracking URI, or the tracking option's name."""
+    if cfg.tracking.name != "mlflow":
+        return str(cfg.tracking.name)
+    from ablate.tracking.mlflow import resolve_uri
+
+    return resolve_uri(cfg)
+
+
 def config_key(cfg: DictConfig) -> str:
-    """A short hash of everything that shapes the run's numbers (not where it logs or saves)."""
+    """A short hash of everything that shapes the run's numbers (not where it logs or saves), and of the
+    tracking store that holds its run."""
     tree = OmegaConf.to_container(cfg, resolve=True)
     for key in VOLATILE:
         *parents, leaf = key.split(".")
@@ -58,6 +70,7 @@ def config_key(cfg: DictConfig) -> str:
         for part in parents:
             node = node.get(part, {})
         node.pop(leaf, None)
+    tree["tracking_store"] = tracking_store(cfg)
     return hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -210,6 +223,63 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
     return removed
 
 
+# ---- what a checkpoint records about the data, to refuse resuming on other data
+
+FULL_HASH_TOKENS = 1 << 26  # corpora up to this many tokens are hashed whole; larger ones by a strided sample
+SAMPLE_WINDOWS, WINDOW = 256, 4096
+_FINGERPRINTS: dict[int, tuple[weakref.ref, dict[str, Any]]] = {}
+
+
+def _spans(docs) -> list[tuple[int, int, int]]:  # noqa: ANN001 - a DocSet
+    """(source, start, stop) stretches of token arrays to hash, in document order: runs of adjacent documents
+    whole, or, for a large corpus, windows at evenly strided positions of the document stream."""
+    src, start, length = docs.source, docs.start, docs.length
+    if docs.n_docs == 0:
+        return []
+    if docs.n_tokens <= FULL_HASH_TOKENS:
+        cut = np.flatnonzero((src[1:] != src[:-1]) | (start[1:] != start[:-1] + length[:-1])) + 1
+        first, last = np.concatenate([[0], cut]), np.concatenate([cut, [docs.n_docs]]) - 1
+        return list(zip(src[first].tolist(), start[first].tolist(), (start[last] + length[last]).tolist()))
+    end = np.cumsum(length)
+    at = np.arange(SAMPLE_WINDOWS, dtype=np.int64) * docs.n_tokens // SAMPLE_WINDOWS
+    k = np.searchsorted(end, at, side="right")
+    offset = at - (end[k] - length[k])
+    stop = start[k] + np.minimum(length[k], offset + WINDOW)
+    return list(zip(src[k].tolist(), (start[k] + offset).tolist(), stop.tolist()))
+
+
+def docs_fingerprint(docs) -> dict[str, Any]:  # noqa: ANN001 - a DocSet
+    """Counts, and a hash of the document lengths and of the tokens (all of them, or a strided sample)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.ascontiguousarray(docs.length, dtype="<i8").tobytes())
+    for s, a, b in _spans(docs):
+        h.update(memoryview(np.ascontiguousarray(docs.sources[s][a:b])))
+    return {"docs": docs.n_docs, "tokens": docs.n_tokens, "hash": h.hexdigest()}
+
+
+def batches_fingerprint(batches) -> dict[str, Any]:  # noqa: ANN001 - PackedBatch list
+    """Counts, and a hash of the tokens and document layout of evaluation batches (what val/loss measures)."""
+    h = hashlib.blake2b(digest_size=16)
+    for b in batches:
+        h.update(b.tokens.cpu().numpy().tobytes())
+        h.update(repr(b.doc_lens).encode())
+    return {"batches": len(batches), "tokens": sum(int(b.tokens.numel()) - b.n_pad for b in batches),
+            "hash": h.hexdigest()}
+
+
+def data_fingerprint(data) -> dict[str, dict[str, Any]]:  # noqa: ANN001 - ablate.data.Data
+    """What identifies the run's data: its training documents and its validation batches (computed once
+    per Data object)."""
+    hit = _FINGERPRINTS.get(id(data))
+    if hit is not None and hit[0]() is data:
+        return hit[1]
+    found = {"train": docs_fingerprint(data.train.docs), "val": batches_fingerprint(data.val_batches())}
+    for key in [k for k, (ref, _) in _FINGERPRINTS.items() if ref() is None]:
+        del _FINGERPRINTS[key]
+    _FINGERPRINTS[id(data)] = (weakref.ref(data), found)
+    return found
+
+
 def trainer_payload(trainer, run_id: str | None) -> dict[str, Any]:  # noqa: ANN001 - a Trainer
     """Everything to resume from; with a sharded (FSDP) model every rank must call it, as it gathers."""
     model_state, optimizer_state = full_state(trainer.model, trainer.optimizer)
@@ -219,6 +289,7 @@ def trainer_payload(trainer, run_id: str | None) -> dict[str, Any]:  # noqa: ANN
         "model": model_state,
         "optimizer": optimizer_state,
         "data": trainer.data.train.state_dict(),
+        "fingerprint": data_fingerprint(trainer.data),
         "rng": rng_state(),
         "run_id": run_id,
     }

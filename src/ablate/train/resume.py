@@ -1,6 +1,6 @@
-"""Resuming a run: one process per checkpoint folder at a time, and only from a checkpoint of this project.
-Both are decided before the tracking store is touched, so a refused resume neither opens nor marks the
-run it would have continued.
+"""Resuming a run: one process per checkpoint folder at a time, and only from a checkpoint of this project
+written for the same data. Both are decided before the tracking store is touched, so a refused resume
+neither opens nor marks the run it would have continued.
 
     with resume.exclusive(cfg, dist):                # holds <checkpoint folder>/lock for the run's life
         previous = resume.previous_state(cfg, data, dist)   # the payload to restore, or None: a new run
@@ -82,7 +82,8 @@ def _holder(fd: int) -> str:
 
 def previous_state(cfg: DictConfig, data: Any, dist: Any) -> dict[str, Any] | None:  # noqa: ANN401
     """The checkpoint payload this run continues from, or None for a new run: none was written, the run
-    finished, or `train.resume=false` (which moves an earlier run's checkpoints aside)."""
+    finished, or `train.resume=false` (which moves an earlier run's checkpoints aside). A checkpoint
+    written for other data is refused (CheckpointError) with the fix."""
     if not cfg.train.checkpoint_every:
         return None
     folder = checkpoint.checkpoint_dir(cfg, dist.world_size)
@@ -91,7 +92,11 @@ def previous_state(cfg: DictConfig, data: Any, dist: Any) -> dict[str, Any] | No
             set_aside(folder)
         return None
     found = checkpoint.load_latest(folder)
-    return found[0] if found else None
+    if found is None:
+        return None
+    payload, path = found
+    check_data(payload, path, data)
+    return payload
 
 
 def set_aside(folder: Path) -> Path | None:
@@ -106,3 +111,25 @@ def set_aside(folder: Path) -> Path | None:
     log.warning("train.resume=false: a new run starts; the checkpoints of the earlier run were moved to %s "
                 "(delete that folder when they are no longer needed)", aside)
     return aside
+
+
+_SPLITS = {"train": "training documents", "val": "validation batches"}
+
+
+def check_data(payload: dict[str, Any], path: Path, data: Any) -> None:  # noqa: ANN401
+    """Refuse to resume on data other than the checkpoint was written for."""
+    saved, now = payload.get("fingerprint", {}), checkpoint.data_fingerprint(data)
+    for split, what in _SPLITS.items():
+        if saved.get(split) != now[split]:
+            raise CheckpointError(
+                f"{path} was written for other {what} than the run reads now ({_counts(saved.get(split))} then, "
+                f"{_counts(now[split])} now): the data changed since the run started, so it cannot continue on "
+                f"it. Restore the data to resume the run, or start a new run beside it with train.resume=false "
+                f"(its checkpoints are then moved aside, not deleted)")
+
+
+def _counts(fingerprint: dict[str, Any] | None) -> str:
+    if not fingerprint:
+        return "nothing recorded"
+    counts = ", ".join(f"{v:,} {k}" for k, v in fingerprint.items() if k != "hash")
+    return f"{counts}, hash {fingerprint['hash'][:12]}"
