@@ -260,10 +260,10 @@ def test_a_server_that_answers_is_checked_for_host_and_credentials(status, body,
 
 def test_the_run_refuses_a_folder_store_before_any_compute(tmp_path):
     from ablate.config import compose
-    from ablate.validate import ConfigError, plan
+    from ablate.validate import ConfigError, check_io
 
     cfg = compose([f"tracking.uri=sqlite:///{tmp_path}", "train=smoke"])
     start = time.monotonic()
     with pytest.raises(ConfigError, match="is a folder"):
-        plan(cfg)
+        check_io(cfg)
     assert time.monotonic() - start < 5

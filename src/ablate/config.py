@@ -140,6 +140,7 @@ class TrainConfig:
     eval_every: int = num(ge=1)
     log_every: int = num(ge=1)
     checkpoint_every: int = num(ge=0)  # 0: no checkpoints
+    resume: bool = MISSING  # continue from this configuration's checkpoint; false: a new run (the old one is kept)
     compile: Optional[bool] = MISSING  # null: on for CUDA runs, off on CPU
     progress: bool = MISSING
     parallel: str = MISSING  # under torchrun: ddp (replicated model) | fsdp (sharded, FSDP2)
@@ -244,7 +245,15 @@ def visible_gpus() -> list[int]:
     return list(range(torch.cuda.device_count()))
 
 
+def groups_help() -> str:
+    """`group: option, option` lines for `python run.py --help` (the YAML options, not the schemas)."""
+    from ablate.cli import groups
+
+    return "\n".join(f"{group}: {', '.join(options)}" for group, options in groups().items())
+
+
 RESOLVERS = {
+    "ablate.groups": groups_help,
     "ablate.visible_gpus": visible_gpus,
     "ablate.jobs_for": lambda pool: max(1, len(pool)),  # one sweep job at a time per GPU of the pool
 }

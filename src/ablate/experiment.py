@@ -18,7 +18,7 @@ from ablate.data import Data, build_data
 from ablate.models import LanguageModel, count_params, matmul_params
 from ablate.tracking.mlflow import Tracker, flatten, git_commit, open_tracker
 from ablate.tracking.sweep import parent_run_id
-from ablate.train import checkpoint, distributed
+from ablate.train import checkpoint, distributed, resume
 from ablate.train.distributed import SINGLE, Dist
 from ablate.train.loop import Trainer
 from ablate.train.metrics import FlopModel
@@ -85,7 +85,7 @@ def run(cfg: DictConfig) -> float:
     the_plan = plan(cfg)  # every config problem is reported here, before data, model or tracker exist
     check_io(cfg)
     # under torchrun: this rank's process group and device; in a multirun on a GPU host: a free GPU
-    with distributed.placement(cfg, the_plan.device) as (dist, device):
+    with distributed.placement(cfg, the_plan.device) as (dist, device), resume.exclusive(cfg, dist):
         return _run(cfg, replace(the_plan, device=device), dist)
 
 
@@ -106,16 +106,14 @@ def _tags(cfg: DictConfig, the_plan: Plan, overrides: str, dist: Dist) -> dict[s
 def _run(cfg: DictConfig, the_plan: Plan, dist: Dist) -> float:
     overrides = _overrides()
     ckpt_dir = checkpoint.checkpoint_dir(cfg, dist.world_size) if cfg.train.checkpoint_every else None
-    previous = checkpoint.load(ckpt_dir / "last.pt") if ckpt_dir else None
     built = build_run(cfg, the_plan, dist=dist, checkpoint_dir=ckpt_dir)
     trainer, model = built.trainer, built.model
+    previous = resume.previous_state(cfg, built.data, dist)  # refuses a foreign checkpoint or other data, before the store
     # one MLflow run per job: rank 0 opens it, the other ranks log nowhere
     tracker = open_tracker(cfg, run_name=cfg.tracking.get("run_name") or overrides or "defaults",
                            tags=_tags(cfg, the_plan, overrides, dist),
                            run_id=previous["run_id"] if previous else None) if dist.is_main else Tracker()
     trainer.tracker = tracker
-    if ckpt_dir is not None:
-        tracker.FLUSH_SECONDS = float("inf")
     try:
         n_params = built.n_params
         if previous:

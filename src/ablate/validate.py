@@ -107,8 +107,17 @@ def plan(cfg: DictConfig) -> Plan:
 
 
 def check_io(cfg: DictConfig) -> None:
-    """The tracking store must be reachable now: a sweep that cannot log should not train first."""
-    problems = _tracking(cfg)
+    """What a tracked run writes to must work now (the store reachable, the run and checkpoint folders
+    writable): a sweep that cannot log or save should not train first."""
+    from pathlib import Path
+
+    from ablate.tracking.store import check_writable
+
+    problems = _tracking(cfg) + check_writable(Path(cfg.paths.output_dir), "paths.output_dir")
+    if cfg.train.checkpoint_every and not problems:
+        from ablate.train.checkpoint import checkpoint_dir
+
+        problems += check_writable(checkpoint_dir(cfg).parent, "paths.output_dir (checkpoints)")
     if problems:
         raise ConfigError("the configuration cannot run:\n  - " + "\n  - ".join(problems))
 

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from ablate.processes import identity, is_running
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -69,7 +72,11 @@ NullTracker = Tracker
 
 
 class MlflowTracker(Tracker):
-    FLUSH_SECONDS = 10.0  # metrics reach the store at least this often, and at every evaluation
+    """Metrics are buffered by `log_metrics` (no store call) and sent by a writer thread at least every
+    FLUSH_SECONDS, so the training loop never waits on the store; `flush()` sends them now (evaluations,
+    checkpoints, the end of a run)."""
+
+    FLUSH_SECONDS = 10.0
 
     def __init__(self, uri: str, experiment: str, run_name: str | None, tags: dict[str, str],
                  run_id: str | None = None):
@@ -78,15 +85,22 @@ class MlflowTracker(Tracker):
         self.client = open_client(uri)
         self.uri = uri
         self.experiment_id = get_or_create_experiment(self.client, experiment, uri)
+        end_dead_runs(self.client, self.experiment_id)
+        # per metric key, the highest step the store held when this run was reopened: a resumed run
+        # re-computes the steps after its checkpoint, and those already logged are not logged again
+        self._logged: dict[str, int] = {}
         if run_id is not None:  # resuming: reopen the same run
-            self.client.update_run(run_id, status="RUNNING")
+            self._logged = reopen_run(self.client, run_id, uri)
             self.run_id = run_id
         else:
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags={**tags, **process_tags()})
             self.run_id = run.info.run_id
         self._buffer: list[Any] = []
-        self._last_flush = time.monotonic()
+        self._buffer_lock, self._send_lock = threading.Lock(), threading.Lock()
+        self._wake, self._writer_error = threading.Event(), None
         self.finished = False
+        self._writer = threading.Thread(target=self._write_loop, name="ablate-mlflow", daemon=True)
+        self._writer.start()
 
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -104,15 +118,38 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if len(self._buffer) >= 1000 or time.monotonic() - self._last_flush > self.FLUSH_SECONDS:
-            self.flush()
+        with self._buffer_lock:
+            self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()
+                             if step > self._logged.get(k, -1)]
+            if len(self._buffer) >= 1000:
+                self._wake.set()
+
+    def _write_loop(self) -> None:
+        while not self.finished:
+            self._wake.wait(self.FLUSH_SECONDS)
+            self._wake.clear()
+            try:
+                self._send()
+            except Exception as err:  # noqa: BLE001 - raised by the next flush(), in the run's own thread
+                self._writer_error = err
+
+    def _send(self) -> None:
+        with self._send_lock:
+            with self._buffer_lock:
+                pending, self._buffer = self._buffer, []
+            for i in range(0, len(pending), 1000):
+                try:
+                    self.client.log_batch(self.run_id, metrics=pending[i : i + 1000])
+                except BaseException:
+                    with self._buffer_lock:  # nothing is lost: the rest goes back, in order
+                        self._buffer = pending[i:] + self._buffer
+                    raise
 
     def flush(self) -> None:
-        self._last_flush = time.monotonic()
-        while self._buffer:
-            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
-            self.client.log_batch(self.run_id, metrics=chunk)
+        error, self._writer_error = self._writer_error, None
+        if error is not None:
+            raise error
+        self._send()
 
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
@@ -127,8 +164,70 @@ class MlflowTracker(Tracker):
                 self.set_tags({"ablate.error": message[:5000]})
                 self.log_text("".join(traceback.format_exception(error)), "error.txt")
         finally:
-            self.client.set_terminated(self.run_id, status=status)
             self.finished = True
+            self._wake.set()
+            self.client.set_terminated(self.run_id, status=status)
+
+
+# who runs a run: set when it is created or reopened, read to end the runs of processes that are gone
+HOST_TAG, PID_TAG, START_TAG, END_TAG = "ablate.host", "ablate.pid", "ablate.pid_start", "ablate.end_reason"
+
+
+def process_tags() -> dict[str, str]:
+    me = identity()
+    return {HOST_TAG: me["host"], PID_TAG: me["pid"], START_TAG: me["start"]}
+
+
+def reopen_run(client: Any, run_id: str, uri: str) -> dict[str, int]:
+    """Mark run `run_id` RUNNING again, run by this process; returns, per metric key, the highest step it holds."""
+    from mlflow.entities import RunTag
+    from mlflow.exceptions import MlflowException
+
+    fix = "start a new run instead with train.resume=false"
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise RuntimeError(f"the checkpoint continues MLflow run {run_id}, which the store {uri} does not hold; "
+                           f"{fix}") from err
+    if run.info.lifecycle_stage == "deleted":
+        raise RuntimeError(f"the checkpoint continues MLflow run {run_id}, which was deleted from {uri}; restore it "
+                           f"(mlflow runs restore --run-id {run_id}) to resume it, or {fix}")
+    # first the tags naming this (live) process, then the status: a run ending dead runs meanwhile spares it
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in process_tags().items()])
+    if END_TAG in run.data.tags:
+        client.delete_tag(run_id, END_TAG)
+    client.update_run(run_id, status="RUNNING")
+    return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in run.data.metrics}
+
+
+def end_dead_runs(client: Any, experiment_id: str) -> list[str]:
+    """End KILLED (tag ablate.end_reason=process_gone) the runs of the experiment left RUNNING by processes
+    of this host that are gone; returns their ids. A resumable one is reopened by its own command."""
+    query = f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{identity()['host']}'"
+    candidates, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
+        candidates += [run.info.run_id for run in page if not _alive(run.data.tags)]
+        token = page.token
+        if not token:
+            break
+    ended = []
+    for run_id in candidates:
+        run = client.get_run(run_id)  # read again: its own command may have reopened it meanwhile
+        if run.info.status == "RUNNING" and not _alive(run.data.tags):
+            client.set_tag(run_id, END_TAG, "process_gone")
+            client.set_terminated(run_id, status="KILLED")
+            ended.append(run_id)
+    return ended
+
+
+def _alive(tags: dict[str, str]) -> bool:
+    """Whether the process a run's tags name still runs (True when they name none: it cannot be judged)."""
+    try:
+        pid = int(tags.get(PID_TAG, ""))
+    except ValueError:
+        return True
+    return is_running(pid, tags.get(START_TAG, ""))
 
 
 def get_or_create_experiment(client: Any, name: str, uri: str) -> str:

@@ -110,16 +110,14 @@ class Trainer:
                           select=select, reduce=self.dist.sum)
         self.tracker.log_metrics(result, step=self.state.step)
         self.state.history.append({"step": self.state.step, **result})
+        self.tracker.flush()
         return result
 
     def save_checkpoint(self, final: bool = False) -> None:
         self.tracker.flush()
         payload = checkpoint.trainer_payload(self, self.tracker.run_id)  # every rank: FSDP gathers here
         if self.dist.is_main:
-            path = self.checkpoint_dir / "last.pt"
-            checkpoint.save(path, payload)
-            if final:
-                path.replace(path.with_name("final.pt"))
+            checkpoint.save(self.checkpoint_dir / "last.pt", payload, final=final)
         self.dist.barrier()
 
     @contextmanager
