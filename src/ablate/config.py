@@ -87,6 +87,8 @@ class ModelConfig:
     context: int = num(ge=2)  # a row of one token has no target
     init_std: float = num(gt=0)
     tie_embeddings: bool = MISSING
+    dropout: float = num(ge=0, lt=1)  # on the embeddings and on each residual branch (attention and MLP outputs)
+    match_params: bool = MISSING  # GQA/MQA: widen the MLP to make up for the smaller K/V projections (MHA's count)
 
 
 # ---- data
@@ -140,10 +142,18 @@ class TrainConfig:
     eval_every: int = num(ge=1)
     log_every: int = num(ge=1)
     checkpoint_every: int = num(ge=0)  # 0: no checkpoints
+    flops: Optional[float] = num(gt=0)  # a training FLOP budget: sets train.steps (null: train.steps as given)
     resume: bool = MISSING  # continue from this configuration's checkpoint; false: a new run (the old one is kept)
     compile: Optional[bool] = MISSING  # null: on for CUDA runs, off on CPU
     progress: bool = MISSING
     parallel: str = MISSING  # under torchrun: ddp (replicated model) | fsdp (sharded, FSDP2)
+
+
+@dataclass
+class EvalConfig:
+    context_multiples: list[int] = MISSING  # held-out documents at these multiples of model.context (extrapolation)
+    samples: int = num(ge=0)  # continuations of held-out prompts written to samples.txt at the end
+    sample_tokens: int = num(ge=1)
 
 
 @dataclass
@@ -192,10 +202,11 @@ class Config:
     data: Any = MISSING
     backend: BackendConfig = MISSING
     train: TrainConfig = MISSING
+    eval: EvalConfig = MISSING
     tracking: Any = MISSING
     paths: PathsConfig = MISSING
     cluster: ClusterConfig = MISSING
-    device_pool: list[int] = MISSING  # GPUs a sweep's jobs share, one job per GPU
+    device_pool: list[int] = MISSING  # GPUs a sweep's jobs share, one job per GPU (a GPU listed k times: k jobs)
     seed: int = num(ge=0)
     device: str = MISSING  # auto | cpu | cuda
     precision: str = MISSING  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32

@@ -22,6 +22,7 @@ from ablate.train import checkpoint, distributed, resume
 from ablate.train.distributed import SINGLE, Dist
 from ablate.train.loop import Trainer
 from ablate.train.metrics import FlopModel
+from ablate.train.samples import continuations
 from ablate.validate import ConfigError, Plan, check_io, plan
 
 log = logging.getLogger("ablate")
@@ -67,9 +68,25 @@ def build_run(cfg: DictConfig, the_plan: Plan | None = None, tracker: Tracker | 
                       seed=cfg.seed, vocab_size=None)
     model = build_model(cfg, the_plan, data.tokenizer.vocab_size)
     flops = FlopModel(matmul_params(model), cfg.model.n_layers, the_plan.spec.n_heads * the_plan.spec.head_dim)
+    if cfg.train.flops is not None:
+        OmegaConf.update(cfg, "train.steps", steps_for_budget(cfg.train.flops, flops, data, the_plan.spec))
     trainer = Trainer(model, data, cfg, tracker or Tracker(), the_plan.device, flops, compile=the_plan.compile,
                       checkpoint_dir=checkpoint_dir, dist=dist)
     return Built(cfg, the_plan, data, model, flops, trainer)
+
+
+def steps_for_budget(budget: float, flops: FlopModel, data: Data, spec) -> int:  # noqa: ANN001
+    """The steps that spend a training FLOP budget: the FLOPs of a step are those of a batch of the
+    training context, with the attention work of the validation batches' document layout (the
+    training data's own, read without consuming a training batch)."""
+    from ablate.kernels import attended_pairs
+
+    val = data.val_batches()
+    tokens = sum(b.tokens.numel() - b.n_pad for b in val)
+    pairs = sum(attended_pairs(spec, b.doc_lens, *b.tokens.shape) for b in val)
+    per_step = flops.flops(data.train.batch_size * data.train.context, data.train.batch_size * data.train.context
+                           * pairs / max(tokens, 1))
+    return max(1, round(budget / per_step))
 
 
 def _overrides() -> str:
@@ -130,6 +147,10 @@ def _run(cfg: DictConfig, the_plan: Plan, dist: Dist) -> float:
         tracker.log_metrics({"data/padding_frac": built.data.padding_frac("train"),
                              "data/val_padding_frac": built.data.padding_frac("val"),
                              "model/flops_per_token": trainer.meter.flops_per_token()}, step=trainer.state.step)
+        if dist.is_main and cfg.eval.samples:
+            text = continuations(model, built.data, cfg.eval.samples, cfg.eval.sample_tokens, the_plan.device, cfg.seed)
+            if text:
+                tracker.log_text(text, "samples.txt")
         tracker.finish("FINISHED")
     except KeyboardInterrupt as err:
         tracker.finish("KILLED", error=err)
@@ -144,7 +165,9 @@ def _run(cfg: DictConfig, the_plan: Plan, dist: Dist) -> float:
 
 def print_summary(cfg, the_plan, n_params, trainer, result, run_id) -> None:  # noqa: ANN001
     perf = getattr(trainer, "last_perf", {})
-    first = trainer.state.history[0] if trainer.state.history else {}
+    history = trainer.state.history
+    first, best = (history[0], trainer.state.best) if history else ({}, {})
+    nan = float("nan")
     lines = [
         "",
         f"ablate run {run_id or '(not tracked)'}",
@@ -153,9 +176,9 @@ def print_summary(cfg, the_plan, n_params, trainer, result, run_id) -> None:  # 
         f"  variant    attention={cfg.attention.name} pos={cfg.pos.name} mlp={cfg.mlp.name} norm={cfg.norm.name}",
         f"  kernel     {the_plan.backend.name} on {the_plan.device.type} ({str(the_plan.dtype).replace('torch.', '')}"
         f"{', compiled' if the_plan.compile else ''})",
-        f"  steps      {trainer.state.step}, val/loss {first.get('val/loss', float('nan')):.4f} "
-        f"(step {first.get('step', 0)}) -> {result.get('val/loss', float('nan')):.4f}, "
-        f"val/bpb {result.get('val/bpb', float('nan')):.4f}",
+        f"  steps      {trainer.state.step}; val/loss first {first.get('val/loss', nan):.4f} (step "
+        f"{first.get('step', 0)}), best {best.get('val/loss', nan):.4f} (step {best.get('step', 0)}), last "
+        f"{result.get('val/loss', nan):.4f}; val/bpb {result.get('val/bpb', nan):.4f}",
         f"  speed      {perf.get('perf/tokens_per_s', 0):,.0f} tokens/s, peak memory "
         f"{perf.get('perf/peak_mem_gib', 0):.2f} GiB" + (f", MFU {perf['perf/mfu']:.1%}" if "perf/mfu" in perf else ""),
     ]

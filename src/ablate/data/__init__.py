@@ -48,17 +48,25 @@ class Data:
     _context: int
     _batch_size: int
     _max_val_batches: int | None
-    _val_cache: list[PackedBatch] | None = field(default=None, repr=False)
+    _val_cache: dict[int, list[PackedBatch]] | None = field(default=None, repr=False)
 
-    def val_batches(self) -> list[PackedBatch]:
-        """The validation batches, packed on first use and reused after."""
+    def val_batches(self, multiple: int = 1) -> list[PackedBatch]:
+        """The validation batches in rows of `multiple` x the context (as many tokens a batch: the rows
+        are fewer), packed on first use and reused after. The same documents at every multiple."""
         if self._val_cache is None:
-            self._val_cache = pack_eval(
-                self._val, self._context, self._batch_size, self.tokenizer, self._max_val_batches
-            )
-            self.stats["val_batches"] = len(self._val_cache)
-            self.stats["val_padding_frac"] = padding_frac(self._val_cache)
-        return self._val_cache
+            self._val_cache = {}
+        if multiple not in self._val_cache:
+            rows = max(1, self._batch_size // multiple)
+            self._val_cache[multiple] = pack_eval(self._val, self._context * multiple, rows, self.tokenizer,
+                                                  self._max_val_batches)
+        if multiple == 1:
+            self.stats["val_batches"] = len(self._val_cache[1])
+        return self._val_cache[multiple]
+
+    @property
+    def val_docs(self) -> DocSet:
+        """The held-out documents, in validation order."""
+        return self._val
 
     def padding_frac(self, split: str = "train") -> float:
         """Padding tokens / all tokens: of the training batches so far (0: training never pads), or

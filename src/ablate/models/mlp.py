@@ -21,8 +21,17 @@ class MLP(Component, nn.Module):
 
     @classmethod
     def hidden_width(cls, cfg) -> int:  # noqa: ANN001
-        scale = 2 / 3 if cls.gated else 1.0  # a GLU has three matrices to the plain MLP's two
-        return _round(cfg.mlp.expansion * cfg.model.d_model * scale, cfg.mlp.multiple_of)
+        """The hidden width: expansion * d for a plain MLP, 2/3 of it for a GLU (three matrices to
+        two), plus, with model.match_params, what makes up for a GQA/MQA model's smaller K/V
+        projections (2 * (N - K) * H * d weights a layer), so every attention variant has MHA's count."""
+        matrices = 3 if cls.gated else 2
+        width = cfg.mlp.expansion * cfg.model.d_model * 2 / matrices
+        if cfg.model.match_params:
+            from ablate.models.attention import ATTENTIONS
+
+            missing_kv_heads = cfg.model.n_heads - ATTENTIONS.get(cfg.attention.name).kv_heads(cfg)
+            width += 2 * missing_kv_heads * (cfg.model.d_model // cfg.model.n_heads) / matrices
+        return _round(width, cfg.mlp.multiple_of)
 
     def __init__(self, cfg):  # noqa: ANN001
         nn.Module.__init__(self)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ablate.kernels import get_backend
 from ablate.kernels.base import Backend, Layout
 from ablate.kernels.spec import AttentionSpec, DocLens
 from ablate.models.attention import ATTENTIONS
@@ -27,6 +28,11 @@ from ablate.registry import Component
 COMPONENTS = (("attention", ATTENTIONS), ("pos", POSITIONS), ("mlp", MLPS), ("norm", NORMS))
 
 
+def dropout(p: float) -> nn.Module:
+    """Dropout with probability p; nothing at all when p is 0 (not even a mask in the compiled step)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class Block(nn.Module):
     def __init__(self, cfg):  # noqa: ANN001 - the full run config
         super().__init__()
@@ -34,10 +40,11 @@ class Block(nn.Module):
         self.attn = ATTENTIONS.build(cfg.attention.name, cfg)
         self.mlp_norm = NORMS.build(cfg.norm.name, cfg)
         self.mlp = MLPS.build(cfg.mlp.name, cfg)
+        self.drop = dropout(cfg.model.dropout)  # on each residual branch
 
     def forward(self, x_BTD, positions, rotation, layout):  # noqa: ANN001, ANN201
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions, rotation, layout)
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        x_BTD = x_BTD + self.drop(self.attn(self.attn_norm(x_BTD), positions, rotation, layout))
+        return x_BTD + self.drop(self.mlp(self.mlp_norm(x_BTD)))
 
 
 def positions_for(doc_lens: DocLens | None, n_rows: int, row_len: int) -> torch.Tensor:
@@ -72,6 +79,7 @@ class LanguageModel(Component, nn.Module):
         self.max_length = POSITIONS.get(cfg.pos.name).max_length(cfg)
         padded_vocab = 64 * math.ceil(vocab_size / 64)
         self.embed = nn.Embedding(padded_vocab, m.d_model)
+        self.embed_drop = dropout(m.dropout)
         self.positions = POSITIONS.build(cfg.pos.name, cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(m.n_layers))
         self.norm = NORMS.build(cfg.norm.name, cfg)
@@ -84,7 +92,7 @@ class LanguageModel(Component, nn.Module):
         self._init(m.init_std, m.n_layers)
         if m.tie_embeddings:
             self.head.weight = self.embed.weight
-        self.backend = backend
+        self.backend = backend if backend is not None else get_backend("sdpa")  # serves every cell, any device
 
     @property
     def backend(self) -> Backend | None:
@@ -125,7 +133,7 @@ class LanguageModel(Component, nn.Module):
         if layout is None and doc_lens is not None:
             layout = self.prepare(doc_lens, B, T)
             layout = layout if layout is None else layout.to(tokens_BT.device)
-        x_BTD = self.positions.embed(self.embed(tokens_BT), positions_BT)
+        x_BTD = self.embed_drop(self.positions.embed(self.embed(tokens_BT), positions_BT))
         rotation = self.positions.rotation(positions_BT)
         for block in self.blocks:
             x_BTD = block(x_BTD, self.positions, rotation, layout)

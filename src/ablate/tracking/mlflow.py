@@ -102,6 +102,19 @@ class MlflowTracker(Tracker):
         self._writer = threading.Thread(target=self._write_loop, name="ablate-mlflow", daemon=True)
         self._writer.start()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (a launcher pickles the sweep's callbacks for its workers) keeps the run's identity but
+        not its writer thread: it never writes; the run's own process does."""
+        state = dict(self.__dict__)
+        for key in ("_buffer_lock", "_send_lock", "_wake", "_writer"):
+            state.pop(key, None)
+        return {**state, "_buffer": [], "finished": True}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._buffer_lock, self._send_lock, self._wake, self._writer = threading.Lock(), threading.Lock(), \
+            threading.Event(), None
+
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 

@@ -174,6 +174,20 @@ class SummedLoss(nn.Module):
         return self.model.loss(tokens_BT, targets_BT, positions_BT, layout=layout, reduction="sum")
 
 
+class TokenLosses(nn.Module):
+    """The model's loss at every position, (B, T) float32 (0 where there is no target): evaluation's
+    compiled region, from which losses per document (and their spread) are read."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor, positions_BT: torch.Tensor,
+                layout: Any = None) -> torch.Tensor:
+        losses = self.model.loss(tokens_BT, targets_BT, positions_BT, layout=layout, reduction="none")
+        return losses.view(tokens_BT.shape)
+
+
 def parallelize(model: nn.Module, parallel: str) -> nn.Module:
     """Wrap the model in place for data-parallel training; returns batch -> summed loss, whose backward
     leaves every rank with the rank-averaged gradient (DDP: whole, FSDP: its shard)."""
@@ -257,13 +271,16 @@ def physical_gpu(index: int) -> str:
 
 @contextmanager
 def gpu_from_pool(pool: Sequence[int], lock_dir: Path, poll_s: float = 1.0) -> Iterator[int]:
-    """Hold the first free GPU of `pool` (a CUDA index) for the block; wait while all are taken."""
+    """Hold the first free slot of `pool` (CUDA indices; an index listed k times is k slots, so that
+    k small jobs share that GPU) for the block, and yield its GPU; wait while every slot is taken."""
     lock_dir.mkdir(parents=True, exist_ok=True)
     host = re.sub(r"[^\w.-]", "_", socket.gethostname())
     announced = False
     while True:
-        for index in pool:
-            handle = open(lock_dir / f"{host}-gpu{physical_gpu(index)}.lock", "a")
+        for i, index in enumerate(pool):
+            slot = list(pool[:i]).count(index)
+            name = f"{host}-gpu{physical_gpu(index)}" + (f"-slot{slot}" if slot else "")
+            handle = open(lock_dir / f"{name}.lock", "a")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -277,6 +294,6 @@ def gpu_from_pool(pool: Sequence[int], lock_dir: Path, poll_s: float = 1.0) -> I
                 handle.close()
             return
         if not announced:
-            log.info("all GPUs of device_pool=%s are taken; waiting for one", list(pool))
+            log.info("all GPU slots of device_pool=%s are taken; waiting for one", list(pool))
             announced = True
         time.sleep(poll_s)

@@ -24,7 +24,7 @@ import torch
 
 from ablate.train import checkpoint, distributed
 from ablate.train.batches import Prefetcher, StepBatch
-from ablate.train.distributed import SINGLE, Dist, SummedLoss
+from ablate.train.distributed import SINGLE, Dist, SummedLoss, TokenLosses
 from ablate.train.evaluate import evaluate
 from ablate.train.metrics import FlopModel, Meter
 
@@ -57,10 +57,20 @@ def make_optimizer(model: torch.nn.Module, t) -> torch.optim.AdamW:  # noqa: ANN
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
 
 
+def eval_every(t) -> int:  # noqa: ANN001 - TrainConfig
+    """Steps between evaluations: train.eval_every, but at least four evaluations a run."""
+    return max(1, min(t.eval_every, t.steps // 4))
+
+
 @dataclass
 class LoopState:
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # evaluations, for the summary
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        """The evaluation with the lowest val/loss so far."""
+        return min(self.history, key=lambda h: h["val/loss"], default=None)
 
 
 class Trainer:
@@ -71,6 +81,7 @@ class Trainer:
         # data parallel: the model is wrapped (DDP) or sharded in place (FSDP) before the optimizer sees it
         summed = distributed.parallelize(model, self.t.parallel) if dist.enabled else SummedLoss(model)
         self.summed_loss = torch.compile(summed) if compile else summed
+        self.token_losses = torch.compile(TokenLosses(model)) if compile else TokenLosses(model)
         self.optimizer = make_optimizer(model, self.t)
         self.state = LoopState()
         self.meter = Meter(flops, device)
@@ -104,14 +115,37 @@ class Trainer:
         self.data_state = batch.data_state
         return total.detach() / max(batch.n_targets, 1), grad_norm, batch
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        """Validation at the training context; at the end (`final`) also at each of
+        eval.context_multiples, where the positional scheme can place documents that long."""
         select = (lambda b: distributed.shard_rows(b, self.dist.rank, self.dist.world_size)) if self.dist.enabled else None
-        result = evaluate(self.summed_loss, self.model, self.data.val_batches(), self.device, self.autocast,
-                          select=select, reduce=self.dist.sum)
-        self.tracker.log_metrics(result, step=self.state.step)
+        run = lambda m: evaluate(self.token_losses, self.model, self.data.val_batches(m), self.device,  # noqa: E731
+                                 self.autocast, select=select, reduce=self.dist.sum if self.dist.enabled else None,
+                                 suffix="" if m == 1 else f"_{m}x")
+        result = run(1)
         self.state.history.append({"step": self.state.step, **result})
+        best = self.state.best
+        result.update({"val/loss_best": best["val/loss"], "val/loss_best_step": best["step"]})
+        if final:
+            result.update(self.extrapolate(run))
+        self.tracker.log_metrics(result, step=self.state.step)
         self.tracker.flush()
         return result
+
+    def extrapolate(self, run) -> dict[str, float]:  # noqa: ANN001
+        """val/loss_<m>x for every context multiple the model can take; the others are recorded as not
+        applicable (tag ablate.extrapolation), never attempted."""
+        out, skipped = {}, []
+        limit, context = self.model.max_length, self.cfg.model.context
+        for m in sorted(set(self.cfg.eval.context_multiples) - {1}):
+            if limit is not None and m * context > limit:
+                skipped.append(f"{m}x")
+                continue
+            out.update(run(m))
+        if skipped:
+            self.tracker.set_tags({"ablate.extrapolation": f"not applicable at {', '.join(skipped)}: pos="
+                                   f"{self.cfg.pos.name} places at most {limit} positions"})
+        return out
 
     def save_checkpoint(self, final: bool = False) -> None:
         self.tracker.flush()
@@ -168,8 +202,8 @@ class Trainer:
                 self._report(pending, progress)
                 pending = []
             with self.meter.paused():  # evaluation and checkpoints do not count against tokens/s
-                if self.state.step % t.eval_every == 0 or last:
-                    self.evaluate()
+                if self.state.step % eval_every(t) == 0 or last:
+                    self.evaluate(final=last)
                 if save or (self._stop and self.checkpoint_dir is not None):
                     self.save_checkpoint(final=last)
             if self._stop:
