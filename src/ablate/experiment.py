@@ -148,7 +148,9 @@ def _run(cfg: DictConfig, the_plan: Plan, dist: Dist) -> float:
                              "data/val_padding_frac": built.data.padding_frac("val"),
                              "model/flops_per_token": trainer.meter.flops_per_token()}, step=trainer.state.step)
         if dist.is_main and cfg.eval.samples:
-            text = continuations(model, built.data, cfg.eval.samples, cfg.eval.sample_tokens, the_plan.device, cfg.seed)
+            with trainer.autocast():  # the precision the model trained in (the kernels' dtype)
+                text = continuations(model, built.data, cfg.eval.samples, cfg.eval.sample_tokens, the_plan.device,
+                                     cfg.seed)
             if text:
                 tracker.log_text(text, "samples.txt")
         tracker.finish("FINISHED")

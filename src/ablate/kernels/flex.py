@@ -7,12 +7,11 @@ their unmasked work. ALiBi is a score_mod, applied in float32 inside the kernel.
 `enable_gqa=True`: each query head reads its kv head, nothing is repeated (on CUDA; the CPU path
 is PyTorch's unfused reference, which does repeat).
 
-Block masks are built on the host, with the batch (`block_states`: which tiles are empty, partial
-or full, from each tile's first and last document), so no mask function is evaluated on the
-device and nothing is traced per batch. On the device, the partial tiles read the batch's document
-ids from one buffer per (rows, length, device), overwritten in place for every batch: the mask
-functions are made once, so a compiled step sees the same block-mask structure every batch and is
-never recompiled for a new layout. Inside a compiled step flex_attention is traced into its fused
+A batch's block mask is made before the training step, when its layout reaches the device
+(create_block_mask, compiled once per process on CUDA). The mask functions read the batch's
+document ids from one buffer per (rows, length, device), overwritten in place for every batch: they
+are made once, so a compiled step sees the same block-mask structure every batch and is never
+recompiled for a new layout. Inside a compiled step flex_attention is traced into its fused
 kernel; called eagerly on CUDA it runs through its own compiled wrapper, made once per process.
 
 On CPU flex_attention runs forward only (PyTorch raises "FlexAttention does not support backward
@@ -25,21 +24,18 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 
 from ablate.kernels.base import BACKENDS, Backend, Layout
 from ablate.kernels.spec import AttentionSpec, Cell, alibi_slopes, document_ids, is_packed
 
 try:
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:  # torch without flex attention
-    flex_attention = BlockMask = None
+    flex_attention = create_block_mask = None
 
 MaskMod = Callable[..., torch.Tensor]
-BLOCK = 128  # flex_attention's default tile
 RECOMPILE_LIMIT = 256
-EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
 def causal_mask_mod(b, h, q_idx, kv_idx):
@@ -91,71 +87,26 @@ def base_mask_mod(spec: AttentionSpec) -> MaskMod | None:
     return causal_mask_mod if spec.causal else None
 
 
-# ---- host side: the tiles of a batch
-
-
-def block_states(spec: AttentionSpec, doc_BT: np.ndarray, block: int = BLOCK) -> np.ndarray:
-    """(B, nq, nk) uint8: EMPTY, PARTIAL or FULL for every (query tile, key tile) of the batch.
-
-    Documents are runs of equal ids along a row, so a tile is described by its first and last
-    document id: two tiles share a document iff their id ranges overlap, and every pair is in one
-    document iff both tiles hold a single, equal id. Positions, for the causal and window rules,
-    span the tile's first to last index (the last tile may be short)."""
-    B, T = doc_BT.shape
-    n = -(-T // block)
-    starts = np.arange(n) * block
-    ends = np.minimum(starts + block, T) - 1  # last index in the tile
-    lo, hi = doc_BT[:, starts], doc_BT[:, ends]  # (B, n): first and last document id of each tile
-    q_lo, q_hi, k_lo, k_hi = lo[:, :, None], hi[:, :, None], lo[:, None, :], hi[:, None, :]
-    some = (q_hi >= k_lo) & (k_hi >= q_lo)
-    every = (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
-    qs, qe, ks, ke = starts[:, None], ends[:, None], starts[None, :], ends[None, :]
-    if spec.causal:
-        some &= (qe >= ks)[None]  # some query at or after some key
-        every &= (qs >= ke)[None]  # every query at or after every key
-        if spec.window is not None:
-            some &= (qs - ke < spec.window)[None]
-            every &= (qe - ks < spec.window)[None]
-    elif spec.window is not None:
-        gap = np.maximum(0, np.maximum(qs - ke, ks - qe))
-        some &= (gap < spec.window)[None]
-        every &= (np.maximum(qe - ks, ke - qs) < spec.window)[None]
-    if T % block:  # a short last tile is never full: the kernel's bounds check needs the mask function
-        every[:, -1, :] = False
-        every[:, :, -1] = False
-    return np.where(every, FULL, np.where(some, PARTIAL, EMPTY)).astype(np.uint8)
-
-
-def ordered(select: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flex's ordered form of a (B, nq, nk) selection: counts (B, 1, nq) and column indices
-    (B, 1, nq, nk), the selected columns first, in order."""
-    counts = select.sum(-1, dtype=np.int32)
-    indices = np.argsort(~select, axis=-1, kind="stable").astype(np.int32)
-    return counts[:, None], indices[:, None]
+# ---- the batch's block mask, made before the step
 
 
 @dataclass
 class FlexLayout(Layout):
-    """A batch's block mask in host form, and its document ids (None: one document per row)."""
+    """A batch's document ids (None: one document per row); `finish` makes its block mask on the device."""
 
-    kv_num_blocks: torch.Tensor
-    kv_indices: torch.Tensor
-    full_kv_num_blocks: torch.Tensor
-    full_kv_indices: torch.Tensor
     doc_ids: torch.Tensor | None
     spec: AttentionSpec
     row_len: int
     block_mask: object = None  # the BlockMask, made by `finish`
 
     def finish(self, device: torch.device) -> "FlexLayout":
-        mask_mod = base_mask_mod(self.spec)
-        if self.doc_ids is not None:
-            buffer, mask_mod = document_mask(self.spec, self.doc_ids.shape[0], self.row_len, str(device))
-            buffer.copy_(self.doc_ids, non_blocking=True)
-        self.block_mask = BlockMask.from_kv_blocks(
-            self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
-            BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(self.row_len, self.row_len),
-        )
+        if self.doc_ids is None:
+            self.block_mask = dense_block_mask(self.spec, self.row_len, str(device))
+            return self
+        buffer, mask_mod = document_mask(self.spec, self.doc_ids.shape[0], self.row_len, str(device))
+        buffer.copy_(self.doc_ids, non_blocking=True)
+        self.block_mask = make_block_mask(device.type)(mask_mod, buffer.shape[0], None, self.row_len, self.row_len,
+                                                       device=device)
         return self
 
 
@@ -166,16 +117,25 @@ def document_mask(spec: AttentionSpec, n_rows: int, row_len: int, device: str) -
     return buffer, get_document_mask_mod(base_mask_mod(spec), buffer)
 
 
+@functools.lru_cache(maxsize=16)
+def dense_block_mask(spec: AttentionSpec, row_len: int, device: str):  # noqa: ANN201
+    """The block mask of rows of one document (causal and window only), made once per shape."""
+    mask_mod = base_mask_mod(spec)
+    if mask_mod is None:
+        return None
+    return make_block_mask(torch.device(device).type)(mask_mod, None, None, row_len, row_len, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def make_block_mask(device_type: str) -> Callable:
+    """create_block_mask, compiled on CUDA (it evaluates the mask function tile by tile there)."""
+    return torch.compile(create_block_mask) if device_type == "cuda" else create_block_mask
+
+
 def prepare_flex(spec: AttentionSpec, doc_lens, n_rows: int, row_len: int) -> FlexLayout:  # noqa: ANN001
     packed = is_packed(doc_lens)
-    rows = n_rows if packed else 1
-    doc_BT = document_ids(doc_lens if packed else None, rows, row_len)
-    states = block_states(spec, doc_BT)
-    kv_num, kv_idx = ordered(states == PARTIAL)
-    full_num, full_idx = ordered(states == FULL)
-    as_tensor = torch.from_numpy
-    return FlexLayout(as_tensor(kv_num), as_tensor(kv_idx), as_tensor(full_num), as_tensor(full_idx),
-                      as_tensor(doc_BT) if packed else None, spec, row_len)
+    doc_ids = torch.from_numpy(document_ids(doc_lens, n_rows, row_len)) if packed else None
+    return FlexLayout(doc_ids, spec, row_len)
 
 
 def uncompiled(fn: Callable) -> Callable:

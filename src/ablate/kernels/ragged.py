@@ -136,6 +136,9 @@ def _layout_data(s, seq_len: torch.Tensor, starts: torch.Tensor) -> dict[str, to
 def _cudnn_forward(q, k, v, seq_len, starts, host_starts, causal, alibi):  # noqa: ANN001, ANN202
     from ablate.kernels.cudnn_graphs import execute
 
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"cuDNN's ragged attention takes bfloat16 or float16, not {q.dtype}; run the model "
+                         "under bf16 autocast (precision=auto or bf16)")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # cuDNN's ragged layout needs packed tokens
     s = _graph_shape(q, k, seq_len, host_starts, causal, alibi)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
