@@ -16,7 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ablate.data import Data, build_data
 from ablate.models import LanguageModel, count_params, matmul_params
-from ablate.tracking.mlflow import Tracker, flatten, git_commit, open_tracker
+from ablate.tracking.dashboard import significant
+from ablate.tracking.mlflow import Tracker, git_commit, open_tracker, run_params
+from ablate.tracking.naming import job_command, job_run_name
 from ablate.tracking.sweep import parent_run_id
 from ablate.train import checkpoint, distributed, resume
 from ablate.train.distributed import SINGLE, Dist
@@ -117,6 +119,9 @@ def _tags(cfg: DictConfig, the_plan: Plan, overrides: str, dist: Dist) -> dict[s
     commit = git_commit(cfg.paths.root_dir)
     if commit:
         tags["mlflow.source.git.commit"] = commit
+    command = job_command(dist.world_size)
+    if command:
+        tags["ablate.command"] = command
     return tags
 
 
@@ -127,7 +132,7 @@ def _run(cfg: DictConfig, the_plan: Plan, dist: Dist) -> float:
     trainer, model = built.trainer, built.model
     previous = resume.previous_state(cfg, built.data, dist)  # refuses a foreign checkpoint or other data, before the store
     # one MLflow run per job: rank 0 opens it, the other ranks log nowhere
-    tracker = open_tracker(cfg, run_name=cfg.tracking.get("run_name") or overrides or "defaults",
+    tracker = open_tracker(cfg, run_name=cfg.tracking.get("run_name") or job_run_name(),
                            tags=_tags(cfg, the_plan, overrides, dist),
                            run_id=previous["run_id"] if previous else None) if dist.is_main else Tracker()
     trainer.tracker = tracker
@@ -139,7 +144,7 @@ def _run(cfg: DictConfig, the_plan: Plan, dist: Dist) -> float:
             log.info("resuming from %s at step %d", ckpt_dir / "last.pt", trainer.state.step)
         else:
             tracker.set_tags({"ablate.n_params": str(n_params)})
-            tracker.log_params(flatten(cfg))
+            tracker.log_params(run_params(cfg, the_plan.device.type))
             tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             tracker.log_metrics({"model/n_params": n_params,
                                  "model/n_params_non_embedding": count_params(model, non_embedding=True)}, step=0)
@@ -161,28 +166,29 @@ def _run(cfg: DictConfig, the_plan: Plan, dist: Dist) -> float:
         tracker.finish("FAILED", error=err)
         raise
     if dist.is_main:
-        print_summary(cfg, the_plan, n_params, trainer, result, tracker.run_id)
+        print_summary(cfg, the_plan, n_params, trainer, result, tracker.run_id, tracker.link)
     return float(result["val/loss"])
 
 
-def print_summary(cfg, the_plan, n_params, trainer, result, run_id) -> None:  # noqa: ANN001
+def print_summary(cfg, the_plan, n_params, trainer, result, run_id, link=None) -> None:  # noqa: ANN001
     perf = getattr(trainer, "last_perf", {})
     history = trainer.state.history
     first, best = (history[0], trainer.state.best) if history else ({}, {})
     nan = float("nan")
     lines = [
         "",
-        f"ablate run {run_id or '(not tracked)'}",
+        f"ablate run {run_id or '(not tracked)'}" + (f"\n  dashboard  {link}" if link else ""),
         f"  model      {cfg.model.name}: {cfg.model.n_layers} layers, d={cfg.model.d_model}, "
         f"{cfg.model.n_heads} heads, {n_params / 1e6:.2f}M params",
         f"  variant    attention={cfg.attention.name} pos={cfg.pos.name} mlp={cfg.mlp.name} norm={cfg.norm.name}",
         f"  kernel     {the_plan.backend.name} on {the_plan.device.type} ({str(the_plan.dtype).replace('torch.', '')}"
         f"{', compiled' if the_plan.compile else ''})",
-        f"  steps      {trainer.state.step}; val/loss first {first.get('val/loss', nan):.4f} (step "
-        f"{first.get('step', 0)}), best {best.get('val/loss', nan):.4f} (step {best.get('step', 0)}), last "
-        f"{result.get('val/loss', nan):.4f}; val/bpb {result.get('val/bpb', nan):.4f}",
-        f"  speed      {perf.get('perf/tokens_per_s', 0):,.0f} tokens/s, peak memory "
-        f"{perf.get('perf/peak_mem_gib', 0):.2f} GiB" + (f", MFU {perf['perf/mfu']:.1%}" if "perf/mfu" in perf else ""),
+        f"  steps      {trainer.state.step}; val/loss first {significant(first.get('val/loss', nan))} (step "
+        f"{first.get('step', 0)}), best {significant(best.get('val/loss', nan))} (step {best.get('step', 0)}), last "
+        f"{significant(result.get('val/loss', nan))}; val/bpb {significant(result.get('val/bpb', nan))}",
+        f"  speed      {significant(perf.get('perf/tokens_per_s', 0))} tokens/s, peak memory "
+        f"{significant(perf.get('perf/peak_mem_gib', 0))} GiB"
+        + (f", MFU {significant(100 * perf['perf/mfu'])}%" if "perf/mfu" in perf else ""),
     ]
     print("\n".join(lines), flush=True)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -12,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ablate.processes import identity, is_running
+from ablate.tracking.dashboard import NOTE_TAG, job_log_file, note, prepare_experiment, read_job_log, run_link
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -42,6 +44,24 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
     return out
 
 
+def run_params(cfg: DictConfig, device_type: str) -> dict[str, str]:
+    """The run's flattened config less what does not apply to it: `paths.*` (where, not what), `cluster.*`
+    unless the job was launched by Slurm, `device_pool` unless it is a multirun job on a GPU host."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    slurm = multirun = False
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        slurm = "slurm" in str(hc.launcher.get("_target_", "")).lower()
+        multirun = hc.mode == RunMode.MULTIRUN
+    dropped = ["paths."] + ([] if slurm else ["cluster."])
+    params = {k: v for k, v in flatten(cfg).items() if not k.startswith(tuple(dropped))}
+    if not (multirun and device_type == "cuda"):
+        params.pop("device_pool", None)
+    return params
+
+
 def git_commit(root: str) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
@@ -54,6 +74,7 @@ class Tracker:
     """No-op tracker (tracking=none); the MLflow tracker below fills in each call."""
 
     run_id: str | None = None
+    link: str | None = None  # the run's page in the MLflow UI
 
     def log_params(self, params: dict[str, str]) -> None: ...
 
@@ -79,7 +100,7 @@ class MlflowTracker(Tracker):
     FLUSH_SECONDS = 10.0
 
     def __init__(self, uri: str, experiment: str, run_name: str | None, tags: dict[str, str],
-                 run_id: str | None = None):
+                 run_id: str | None = None, log_file: Path | None = None):
         from ablate.tracking.store import open_client
 
         self.client = open_client(uri)
@@ -95,6 +116,12 @@ class MlflowTracker(Tracker):
         else:
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags={**tags, **process_tags()})
             self.run_id = run.info.run_id
+        # the run's description at the end: the last value of each key metric and the command
+        self.latest: dict[str, float] = {}
+        self.command, self.log_file = tags.get("ablate.command"), log_file
+        self.link = run_link(uri, self.experiment_id, self.run_id)
+        if self.link:
+            print(f"MLflow run {run_name or self.run_id}: {self.link}", flush=True)
         self._buffer: list[Any] = []
         self._buffer_lock, self._send_lock = threading.Lock(), threading.Lock()
         self._wake, self._writer_error = threading.Event(), None
@@ -131,9 +158,10 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        values = {k: float(v) for k, v in metrics.items()}
+        self.latest.update(values)
         with self._buffer_lock:
-            self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()
-                             if step > self._logged.get(k, -1)]
+            self._buffer += [Metric(k, v, now, step) for k, v in values.items() if step > self._logged.get(k, -1)]
             if len(self._buffer) >= 1000:
                 self._wake.set()
 
@@ -176,10 +204,25 @@ class MlflowTracker(Tracker):
                 message = f"{type(error).__name__}: {error}"
                 self.set_tags({"ablate.error": message[:5000]})
                 self.log_text("".join(traceback.format_exception(error)), "error.txt")
+            self._describe()
         finally:
             self.finished = True
             self._wake.set()
             self.client.set_terminated(self.run_id, status=status)
+
+    def _describe(self) -> None:
+        """The run's description (key numbers, command) and Hydra's log of the job as `run.log`; a store
+        that refuses them is reported, not raised: the run itself is complete."""
+        try:
+            text = note(self.latest, self.command)
+            if text:
+                self.set_tags({NOTE_TAG: text})
+            log = read_job_log(self.log_file)
+            if log is not None:
+                self.log_text(log, "run.log")
+        except Exception as err:  # noqa: BLE001
+            print(f"warning: the description or run.log of MLflow run {self.run_id} was not saved "
+                  f"({type(err).__name__}: {err})", file=sys.stderr, flush=True)
 
 
 # who runs a run: set when it is created or reopened, read to end the runs of processes that are gone
@@ -252,16 +295,22 @@ def get_or_create_experiment(client: Any, name: str, uri: str) -> str:
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 client.restore_experiment(exp.experiment_id)
+            prepare_experiment(client, exp.experiment_id, exp.tags)
             return exp.experiment_id
         try:
-            return client.create_experiment(name, artifact_location=_artifact_root(uri))
+            experiment_id = client.create_experiment(name, artifact_location=_artifact_root(uri))
         except MlflowException:
             time.sleep(0.2)  # another job created it first: read it back
+            continue
+        prepare_experiment(client, experiment_id, {})
+        return experiment_id
     raise RuntimeError(f"could not create or read the MLflow experiment '{name}' at {uri}")
 
 
 def open_tracker(cfg: DictConfig, run_name: str | None, tags: dict[str, str],
-                 run_id: str | None = None) -> Tracker:
+                 run_id: str | None = None, job: bool = True) -> Tracker:
+    """The run of a job (`job`: its Hydra log is uploaded at the end), or of a sweep's parent."""
     if cfg.tracking.name == "none":
         return NullTracker()
-    return MlflowTracker(resolve_uri(cfg), cfg.tracking.experiment, run_name, tags, run_id=run_id)
+    return MlflowTracker(resolve_uri(cfg), cfg.tracking.experiment, run_name, tags, run_id=run_id,
+                         log_file=job_log_file() if job else None)
