@@ -107,12 +107,15 @@ def test_numbers_links_and_descriptions():
 def test_the_summary_prints_four_significant_digits_and_the_link(capsys):
     plan = SimpleNamespace(backend=SimpleNamespace(name="sdpa"), device=torch.device("cpu"), dtype=torch.float32,
                            compile=False)
-    trainer = SimpleNamespace(state=SimpleNamespace(step=12, history=[{"val/loss": 5.1234567, "step": 6}]),
+    from ablate.train.loop import LoopState
+
+    history = [{"val/loss": 5.1234567, "step": 6}, {"val/loss": 3.8123, "step": 9}, {"val/loss": 3.950123, "step": 12}]
+    trainer = SimpleNamespace(state=LoopState(step=12, history=history),
                               last_perf={"perf/tokens_per_s": 34897.57, "perf/peak_mem_gib": 0.51963, "perf/mfu": 0.432149})
     print_summary(compose(), plan, 69312, trainer, {"val/loss": 3.950123, "val/bpb": 5.698819}, "abc", "http://h/#/r")
     out = capsys.readouterr().out
     assert "ablate run abc\n  dashboard  http://h/#/r\n" in out
-    assert "val/loss 5.123 (step 6) -> 3.950, val/bpb 5.699" in out
+    assert "val/loss first 5.123 (step 6), best 3.812 (step 9), last 3.950; val/bpb 5.699" in out
     assert "34,900 tokens/s, peak memory 0.5196 GiB, MFU 43.21%" in out
 
 
