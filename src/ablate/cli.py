@@ -101,13 +101,16 @@ def groups() -> dict[str, tuple[str, ...]]:
 
 @lru_cache(maxsize=None)
 def option_keys(group: str, option: str) -> tuple[str, ...]:
-    """The keys an option of a group sets (its YAML lists every one of them)."""
+    """The keys an option of a group sets: those its YAML lists, and those of the options of the same
+    group it extends through its defaults list (train=smoke extends train=default)."""
     from omegaconf import OmegaConf
 
     from ablate.config import config_dir
 
     node = OmegaConf.load(config_dir() / group / f"{option}.yaml")
-    return tuple(k for k in node if k != "defaults")
+    inherited = [k for parent in node.get("defaults", []) if isinstance(parent, str) and parent in groups()[group]
+                 for k in option_keys(group, parent)]
+    return tuple(dict.fromkeys([*inherited, *(k for k in node if k != "defaults")]))
 
 
 @lru_cache(maxsize=1)
