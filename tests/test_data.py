@@ -304,7 +304,7 @@ LATIN1 = "line one\nline two\ncaf\u00e9 d\u00e9j\u00e0 vu\n"  # the first non-AS
 
 
 def text_cfg(*paths, **keys) -> dict:
-    return {"name": "text", "paths": [str(p) for p in paths], "val_per_mille": 0, **keys}
+    return {"name": "text", "paths": [str(p) for p in paths], **keys}
 
 
 def test_text_corpus_refuses_text_that_is_not_utf8(tmp_path):
@@ -323,13 +323,12 @@ def test_text_corpus_refuses_text_that_is_not_utf8(tmp_path):
 def test_text_corpus_other_encodings_and_replacement(tmp_path):
     latin = tmp_path / "latin.txt"
     latin.write_bytes(LATIN1.encode("latin-1"))
-    data = build_data(text_cfg(latin, encoding="latin-1"), 16, 2, 0, None)
     (doc,) = CORPORA.get("text").from_config(text_cfg(latin, encoding="latin-1")).documents()
     assert doc.text == LATIN1.strip("\n")
     # the byte tokenizer sees the text re-encoded as UTF-8, so bits per byte counts UTF-8 bytes, not file bytes
     n_utf8 = len(doc.text.encode("utf-8"))
     assert n_utf8 == latin.stat().st_size - 1 + 3  # the last newline is stripped; each accented letter is 2 bytes
-    assert data.stats["train_tokens"] == n_utf8 + 1  # and one end-of-document token
+    assert len(ByteTokenizer().encode(doc.text)) == n_utf8
     (replaced,) = CORPORA.get("text").from_config(text_cfg(latin, errors="replace")).documents()
     assert replaced.text.count("\ufffd") == 3 and replaced.text.startswith("line one\nline two\ncaf\ufffd d\ufffdj")
     crlf = tmp_path / "crlf.txt"
@@ -354,7 +353,7 @@ def test_text_corpus_encoding_keys_compose(tmp_path):
     latin.write_bytes(LATIN1.encode("latin-1"))
     defaults = compose(["data=text"]).data
     assert (defaults.encoding, defaults.errors) == ("utf-8", "strict")
-    cfg = compose(["data=text", f"data.paths=[{latin}]", "data.val_per_mille=0", "data.encoding=latin-1"])
+    cfg = compose(["data=text", f"data.paths=[{latin}]", "data.encoding=latin-1"])
     (doc,) = CORPORA.get("text").from_config(cfg.data).documents()
     assert doc.text == LATIN1.strip("\n")
 

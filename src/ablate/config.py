@@ -222,6 +222,27 @@ OPTION_SCHEMAS = {
 }
 
 
+def out_of_range(metadata: Any, key: str, value: Any) -> str | None:
+    """'key=value must be <range>' when a numeric value breaks the range its field declares, else None."""
+    if "range" not in metadata or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    gt, ge, lt, le = metadata["range"]
+    allowed = describe_range(gt, ge, lt, le)
+    if not math.isfinite(value):
+        return f"{key}={value} must be a finite number {allowed}"
+    if (gt is not None and value <= gt) or (ge is not None and value < ge) or \
+            (lt is not None and value >= lt) or (le is not None and value > le):
+        return f"{key}={value} must be {allowed}"
+    return None
+
+
+def check_field(schema: type, name: str, value: Any, key: str) -> None:
+    """Raise ValueError if `value` breaks the range `schema.name` declares (for callers without a composed config)."""
+    problem = out_of_range(next(f.metadata for f in fields(schema) if f.name == name), key, value)
+    if problem:
+        raise ValueError(problem)
+
+
 def range_problems(cfg: DictConfig) -> list[str]:
     """Every numeric value outside the range its schema declares (or not finite), as
     'key=value must be <range>'."""
@@ -236,14 +257,10 @@ def range_problems(cfg: DictConfig) -> list[str]:
             key = f"{prefix}{f.name}"
             if isinstance(value, DictConfig):
                 walk(value, key + ".")
-            elif "range" in f.metadata and isinstance(value, (int, float)) and not isinstance(value, bool):
-                gt, ge, lt, le = f.metadata["range"]
-                allowed = describe_range(gt, ge, lt, le)
-                if not math.isfinite(value):
-                    problems.append(f"{key}={value} must be a finite number {allowed}")
-                elif (gt is not None and value <= gt) or (ge is not None and value < ge) or \
-                        (lt is not None and value >= lt) or (le is not None and value > le):
-                    problems.append(f"{key}={value} must be {allowed}")
+            else:
+                problem = out_of_range(f.metadata, key, value)
+                if problem:
+                    problems.append(problem)
 
     walk(cfg, "")
     return problems

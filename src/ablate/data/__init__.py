@@ -94,8 +94,9 @@ def build_data(data_cfg: Any, context: int, batch_size: int, seed: int, vocab_si
             f"{vocab_size}; raise the vocab size to at least {tokenizer.vocab_size}"
         )
     val_per_mille = int(config_value(data_cfg, "val_per_mille", 50))
-    if not 0 <= val_per_mille < 1000:
-        raise ValueError(f"data.val_per_mille must lie in 0..999, not {val_per_mille}")
+    from ablate.config import DataConfig, check_field
+
+    check_field(DataConfig, "val_per_mille", val_per_mille, "data.val_per_mille")
     train, val = corpus.load(tokenizer, val_per_mille)
     max_val = config_value(data_cfg, "max_val_batches", None)
     stats = {
