@@ -1,6 +1,7 @@
 """Continuations of held-out prompts, so that a reader sees what a model learned."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 PROMPT_TOKENS = 64
@@ -23,16 +24,15 @@ def continuations(model, data, n: int, tokens: int, device: torch.device, seed: 
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     window = model.max_length or (PROMPT_TOKENS + tokens)
-    parts = []
-    for i in range(min(n, docs.n_docs)):
-        prompt = torch.as_tensor(docs.document(i)[:PROMPT_TOKENS].astype("int64"), device=device)[None]
-        out = prompt
-        for _ in range(tokens):
-            logits = model(out[:, -window:])[:, -1].float() / temperature
-            kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
-            probs = logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
-            out = torch.cat([out, torch.multinomial(probs, 1, generator=gen)], dim=1)
-        text_prompt, text_out = tokenizer.decode(prompt[0].tolist()), tokenizer.decode(out[0, prompt.shape[1]:].tolist())
-        parts.append(f"=== held-out prompt {i + 1} ===\n{text_prompt}\n--- continuation ---\n{text_out}\n")
+    prompts = [docs.document(i)[:PROMPT_TOKENS] for i in range(min(n, docs.n_docs))]
+    width = min(len(p) for p in prompts)  # every prompt as long as the shortest: one batch
+    out = torch.from_numpy(np.stack([p[:width] for p in prompts]).astype(np.int64)).to(device)
+    for _ in range(tokens):  # all prompts at once
+        logits = model(out[:, -window:])[:, -1].float() / temperature
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+        probs = logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
+        out = torch.cat([out, torch.multinomial(probs, 1, generator=gen)], dim=1)
     model.train(was_training)
+    parts = [f"=== held-out prompt {i + 1} ===\n{tokenizer.decode(row[:width].tolist())}\n--- continuation ---\n"
+             f"{tokenizer.decode(row[width:].tolist())}\n" for i, row in enumerate(out)]
     return "\n".join(parts)
