@@ -17,6 +17,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from ablate.tracking.mlflow import PARENT_TAG
+
 PARENT_FILE = "parent_run_id"
 
 
@@ -72,7 +74,7 @@ class SweepParentRun(Callback):
             return
         client, run_id = self.tracker.client, self.tracker.run_id
         children = client.search_runs(
-            [self.tracker.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
+            [self.tracker.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{run_id}'"
         )
         failed = [r for r in children if r.info.status != "FINISHED"]
         self.tracker.log_metrics({"sweep/runs": len(children), "sweep/failed": len(failed)}, step=0)
