@@ -1,9 +1,10 @@
 """Shared test helpers: the tiny run configuration, fresh MLflow stores, and the CUDA skip.
 
-`tiny_cfg(*overrides)` composes the smallest configuration that trains for real (a seconds-long run on
-CPU); `TINY` holds its overrides for `python run.py` command lines; `FORKED` starts processes without
-paying for the imports again. The `store` fixture is a new sqlite
-MLflow store for one test, copied from one made per session: creating a store's schema costs seconds.
+`tiny_cfg(*overrides)` composes the smallest configuration that trains for real (a run of about a
+second on CPU); `TINY` holds its overrides for `python run.py` command lines; `FORKED` starts processes
+without paying for the imports again; `run_main` runs run.py inside the test process. The `store`
+fixture is a new sqlite MLflow store for one test, a copy of `store_template` (made once per session:
+creating a store's schema costs seconds).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ os.environ.setdefault("XFORMERS_IGNORE_FLASH_VERSION_CHECK", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Every key spelled out (no train=smoke): one layer, short rows, 12 steps, no end-of-run extras.
+# Every key spelled out: one layer, short rows, 12 steps, no end-of-run extras (samples, longer contexts).
 TINY = (
     "model.n_layers=1", "model.d_model=32", "model.n_heads=4", "model.context=64",
     "train.steps=12", "train.warmup_steps=2", "train.eval_every=6", "train.log_every=2", "train.batch_size=4",
@@ -57,7 +58,8 @@ def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 @pytest.fixture(scope="session")
-def _empty_store(tmp_path_factory):
+def store_template(tmp_path_factory):
+    """An empty sqlite MLflow store, its schema made: copy it (see `store`), never write to it."""
     from ablate.tracking.store import open_client
 
     db = tmp_path_factory.mktemp("template") / "mlflow.db"
@@ -66,28 +68,28 @@ def _empty_store(tmp_path_factory):
 
 
 @pytest.fixture
-def store(_empty_store, tmp_path) -> str:
+def store(store_template, tmp_path) -> str:
     """The URI of a new, empty sqlite MLflow store in this test's folder."""
-    shutil.copyfile(_empty_store, tmp_path / "mlflow.db")
+    shutil.copyfile(store_template, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path}/mlflow.db"
 
 
 @pytest.fixture(scope="module")
-def module_store(_empty_store, tmp_path_factory) -> str:
+def module_store(store_template, tmp_path_factory) -> str:
     """A new sqlite MLflow store shared by the tests of one module."""
     folder = tmp_path_factory.mktemp("store")
-    shutil.copyfile(_empty_store, folder / "mlflow.db")
+    shutil.copyfile(store_template, folder / "mlflow.db")
     return f"sqlite:///{folder}/mlflow.db"
 
 
-# Hydra's own log files and console lines are off for run.py inside the test process
-QUIET_HYDRA = ("hydra/job_logging=disabled", "hydra/hydra_logging=disabled")
+# run.py inside the test process leaves Python's logging as it is (no Hydra log files or handlers)
+QUIET_HYDRA = ("hydra/job_logging=none", "hydra/hydra_logging=none")
 
 
 @pytest.fixture
 def run_main(monkeypatch, capsys, tmp_path):
     """`python run.py <args>` inside this process, as its `__main__`: (exit status, what it printed).
-    Hydra's run folder goes to the test's folder; its logging is off."""
+    Hydra's run folder goes to the test's folder; it does not configure logging."""
     from hydra.core.global_hydra import GlobalHydra
 
     from ablate.config import project_root

@@ -84,11 +84,20 @@ class _Ranks:
         for proc in self.procs:
             proc.start()
 
-    def wait(self) -> tuple[int, str]:
+    def wait(self, timeout: float = 300.0) -> tuple[int, str]:
+        """(exit status, the ranks' errors); as under torchrun, a rank that fails ends the others (which
+        would otherwise wait for it in their next collective)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(p.is_alive() for p in self.procs):
+            if any(p.exitcode for p in self.procs):
+                deadline = min(deadline, time.monotonic() + 10)
+            time.sleep(0.05)
         for proc in self.procs:
-            proc.join(timeout=300)
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
         errors = "".join(r.read_text() for r in self.reports if r.exists())
-        return max(abs(proc.exitcode or 0) for proc in self.procs), errors
+        return max(abs(proc.exitcode) for proc in self.procs), errors
 
 
 def _stop_rank_1(job, folder: Path, after_step: int) -> int | None:
@@ -105,13 +114,13 @@ def _stop_rank_1(job, folder: Path, after_step: int) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def jobs(_empty_store, tmp_path_factory):
+def jobs(store_template, tmp_path_factory):
     """One training three ways: 1 rank x 8 rows (in this process), and 2 ranks x 4 rows: FSDP, and DDP under
     torchrun, whose rank 1 gets a SIGTERM after the step-10 checkpoint and which is then run again."""
     tmp = tmp_path_factory.mktemp("dp")
     for name in ("one", "ddp", "fsdp"):
         (tmp / name).mkdir()
-        shutil.copyfile(_empty_store, tmp / name / "mlflow.db")
+        shutil.copyfile(store_template, tmp / name / "mlflow.db")
     fsdp, ddp = _Ranks(tmp, "fsdp", 4, "train.parallel=fsdp"), _torchrun(tmp, "ddp", 2, 4)
     pid = _stop_rank_1(ddp, tmp / "ddp", after_step=10)
     out = _output(ddp)
