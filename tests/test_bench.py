@@ -66,8 +66,8 @@ def test_bad_sizes_and_names_fail_before_any_timing():
         main(["--device", "cpu", *TINY_ARGS, "--kv-heads", "3"])
 
 
-def test_command_line_sizes_and_mlflow_run(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/bench.db"
+def test_command_line_sizes_and_mlflow_run(store, capsys):
+    uri = store
     main(["--device", "cpu", *TINY_ARGS, "--backends", "eager", "sdpa", "xformers", "--cells", "dense_causal",
           "alibi_packed", "--tracking-uri", uri])
     out = capsys.readouterr().out

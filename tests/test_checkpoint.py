@@ -8,24 +8,20 @@ import subprocess
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
+from conftest import runs_in, tiny_cfg
 
 from ablate.config import compose
 from ablate.experiment import run
 from ablate.train import checkpoint
 
-TINY = ["train=smoke", "model.n_layers=1", "model.d_model=64", "model.context=128", "train.batch_size=4",
-        "data.max_val_batches=2", "train.checkpoint_every=2"]
-
 
 def _config(tmp_path, *extra):
-    return compose([*TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"paths.output_dir={tmp_path}", *extra])
+    return tiny_cfg("train.checkpoint_every=2", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                    f"paths.output_dir={tmp_path}", *extra)
 
 
 def _runs(tmp_path):
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = client.get_experiment_by_name("ablate")
-    return [] if exp is None else client.search_runs([exp.experiment_id])
+    return runs_in(f"sqlite:///{tmp_path}/mlflow.db")[1]
 
 
 class _Planted:
@@ -51,7 +47,7 @@ def _plant(kind, path, marker):
 
 
 @pytest.mark.parametrize("kind", ["torch_save", "plain_pickle", "no_marker", "other_version"])
-def test_a_checkpoint_that_is_not_the_projects_is_refused_and_runs_no_code(kind, tmp_path):
+def test_a_checkpoint_that_is_not_the_projects_is_refused_and_runs_no_code(kind, tmp_path, store):
     cfg = _config(tmp_path)
     folder = checkpoint.checkpoint_dir(cfg)
     folder.mkdir(parents=True)
@@ -131,7 +127,7 @@ def test_a_link_planted_where_a_checkpoint_is_written_is_not_written_through(tmp
     assert checkpoint.load(folder / "last.pt")["step"] == 2
 
 
-def test_stale_temp_files_of_dead_processes_are_removed_when_a_run_starts(tmp_path):
+def test_stale_temp_files_of_dead_processes_are_removed_when_a_run_starts(tmp_path, store):
     cfg = _config(tmp_path)
     folder = checkpoint.checkpoint_dir(cfg)
     folder.mkdir(parents=True)

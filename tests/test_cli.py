@@ -1,15 +1,20 @@
-"""`python run.py`: refusals print the reason and exit with status 2, no traceback; real errors keep theirs."""
+"""`python run.py`: refusals print the reason and exit with status 2, no traceback; real errors keep theirs.
+
+Most refusals run `run.py` inside the test process (its `__main__`, as `python run.py` would, with
+sys.argv set); a few run it as a real process: the exit status and the output of the interpreter itself.
+"""
+import re
 import subprocess
 import sys
 
 import pytest
+from conftest import TINY
 
 from ablate.cli import check_overrides
 from ablate.config import project_root
 
 ROOT = project_root()
-TINY = ["tracking=none", "train=smoke", "model.n_layers=1", "model.d_model=32", "data.max_val_batches=1",
-        "train.progress=false"]
+QUIET = ("tracking=none",)
 
 
 def run_py(*args, timeout=120):
@@ -25,76 +30,114 @@ REFUSED = [
     (["model.n_head=4"], ["unknown key model.n_head; did you mean model.n_heads?"]),
     (["n_layers=1"], ["unknown key n_layers; did you mean model.n_layers?"]),
     (["model=gpt5"], ["unknown option 'gpt5' for config group 'model'", "gpt2_124m, small, tiny"]),
-    (["-m", "attention=gqa,linear"], ["unknown option 'linear' for config group 'attention'"]),
-    (["experiment=attention_x_pos"], ["+experiment=attention_x_pos"]),
-    (["train.steps=ten"], ["train.steps", "ten", "Integer"]),
+    (["experiment=attention_grid"], ["+experiment=attention_grid"]),
     (["attention=[gqa"], ["attention=[gqa", "override_grammar"]),
+    (["attention=mha", "attention.n_kv_heads=2"], ["attention.n_kv_heads is not a setting of attention=mha"]),
+    (["train.steps=ten"], ["train.steps", "ten", "Integer"]),
     (["model.n_heads=3"], ["model.d_model=32 is not a multiple of model.n_heads=3"]),
-    (["tracking=mlflow", "tracking.uri=sqlite:///{tmp}"], ["tracking.uri", "is a folder", "{tmp}/mlflow.db"]),
 ]
 
 
 @pytest.mark.parametrize("args,words", REFUSED, ids=[" ".join(a) for a, _ in REFUSED])
-def test_a_refused_configuration_prints_only_the_reason(args, words, tmp_path):
-    flags = [a for a in args if a.startswith("-")]  # Hydra's flags come before the overrides
-    overrides = [a.format(tmp=tmp_path) for a in args if not a.startswith("-")]
-    code, out = run_py(*flags, *TINY, *overrides, f"hydra.sweep.dir={tmp_path}/sweep",
-                       f"hydra.run.dir={tmp_path}/run")
+def test_a_refused_configuration_prints_only_the_reason(args, words, run_main):
+    code, out = run_main(*TINY, *QUIET, *args)
     assert code == 2, out
     for word in words:
-        assert word.format(tmp=tmp_path) in out, out
+        assert word in out, out
     assert "Traceback" not in out and "HYDRA_FULL_ERROR" not in out, out
 
 
-def test_a_sweep_prints_each_refused_job_and_exits_2(tmp_path):
-    code, out = run_py("-m", "model.n_heads=3,5", *TINY, f"hydra.sweep.dir={tmp_path}/sweep")
+def test_a_refused_process_exits_2_without_a_traceback(tmp_path):
+    code, out = run_py("-m", "attention=gqa,linear", f"hydra.sweep.dir={tmp_path}/sweep")
     assert code == 2, out
-    assert "job 0 (model.n_heads=3" in out and "model.n_heads=3" in out
-    assert "job 1 (model.n_heads=5" in out and "model.n_heads=5" in out
+    assert "unknown option 'linear' for config group 'attention'" in out
+    assert "Traceback" not in out and "HYDRA_FULL_ERROR" not in out, out
+
+
+def test_a_real_error_keeps_its_traceback(run_main):
+    from ablate.train.loop import NonFiniteLoss
+
+    with pytest.raises(NonFiniteLoss):  # raised out of run.py: the interpreter prints it, exit status 1
+        run_main(*TINY, *QUIET, "train.lr=1e30")
+
+
+def test_a_sweep_prints_each_refused_job_and_exits_2(run_main, tmp_path):
+    code, out = run_main("-m", *TINY, *QUIET, "model.n_heads=3,5", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert code == 2, out
+    assert re.search(r"job 0 \([^)]*model\.n_heads=3[^)]*\) refused: .*\n.*not a multiple of model\.n_heads=3", out), out
+    assert re.search(r"job 1 \([^)]*model\.n_heads=5[^)]*\) refused: .*\n.*not a multiple of model\.n_heads=5", out), out
     assert "Traceback" not in out, out
 
 
 def test_a_sweep_whose_store_is_refused_starts_no_job(tmp_path):
     (tmp_path / "notes.db").write_text("not a store\n")
-    code, out = run_py("-m", "attention=mha,gqa", *TINY, "tracking=mlflow",
-                       f"tracking.uri=sqlite:///{tmp_path}/notes.db", f"hydra.sweep.dir={tmp_path}/sweep")
+    code, out = run_py("-m", *TINY, "attention=mha,gqa", f"tracking.uri=sqlite:///{tmp_path}/notes.db",
+                       f"hydra.sweep.dir={tmp_path}/sweep")
     assert code == 2, out
     assert "not a SQLite database" in out and "Traceback" not in out, out
     assert "#0 :" not in out and not (tmp_path / "sweep" / "parent_run_id").exists()
 
 
-def test_help_lists_the_groups_their_options_and_examples():
+@pytest.fixture(scope="module")
+def help_text():
     code, out = run_py("--help")
     assert code == 0, out
-    assert "attention: gqa, mha, mqa" in out and "pos: alibi, learned, nope, rope, sinusoidal" in out
-    assert "experiment: attention_x_pos" in out
-    examples = [line for line in out.splitlines() if line.strip().startswith("python run.py ")]
+    return out
+
+
+def test_help_lists_the_groups_their_options_examples_and_keys(help_text):
+    from ablate.cli import groups
+
+    for group, options in groups().items():
+        assert f"{group}: {', '.join(options)}" in help_text
+    assert "attention: gqa, mha, mqa" in help_text and "pos: alibi, learned, nope, rope, sinusoidal" in help_text
+    examples = [line for line in help_text.splitlines() if line.strip().startswith("python run.py ")]
     assert len(examples) == 3, examples
-    assert "n_kv_heads" in out  # the keys
+    assert "rope_theta" in help_text and "checkpoint_every" in help_text  # the keys
 
 
-@pytest.mark.slow
-def test_a_real_error_keeps_its_traceback(tmp_path):
-    code, out = run_py("train.lr=1e30", *TINY, f"hydra.run.dir={tmp_path}/run")
-    assert code == 1, out
-    assert "Traceback" in out and "NonFiniteLoss" in out, out
+@pytest.mark.xfail(strict=True, reason="--help lists the keys of the default options only: attention.n_kv_heads "
+                   "(attention=gqa), pos.max_positions (pos=learned) and data.paths (data=text) are not shown")
+def test_help_lists_the_keys_of_every_option(help_text):
+    for key in ("n_kv_heads", "max_positions", "paths:", "eot_id"):
+        assert key in help_text, key
 
 
-@pytest.mark.slow
-def test_a_sweep_prints_a_failing_jobs_traceback_and_runs_the_others(tmp_path):
-    code, out = run_py("-m", "train.lr=1e30,3e-3", *TINY, f"hydra.sweep.dir={tmp_path}/sweep")
-    assert code == 1, out
-    assert "job 0 (train.lr=1e+30" in out and "Traceback" in out and "NonFiniteLoss" in out, out
-    assert "ablate run (not tracked)" in out  # the second job ran
+def _commands(text: str) -> list[list[str]]:
+    """The `python run.py ...` commands of a text, as argument lists (comments and flags dropped)."""
+    found = []
+    for line in text.splitlines():
+        match = re.search(r"python run\.py ([^#`]*)", line)
+        if match:
+            found.append([a for a in match.group(1).split() if not a.startswith("-")])
+    return found
+
+
+@pytest.mark.xfail(strict=True, reason="the help and the README still show +experiment=attention_x_pos, an "
+                   "experiment that no longer exists (experiments/ has attention_grid, positions_extrapolation, ...)")
+@pytest.mark.parametrize("source", ["help", "README.md"])
+def test_every_documented_command_is_accepted(source, help_text):
+    text = help_text if source == "help" else (ROOT / "README.md").read_text()
+    commands = [c for c in _commands(text) if not any("<" in a for a in c)]  # placeholders: <ip>
+    assert len(commands) >= 3
+    for args in commands:
+        assert check_overrides(args) == [], args
 
 
 def test_valid_overrides_pass_the_check():
     assert check_overrides([
-        "attention=gqa,mha", "pos=alibi", "+experiment=attention_x_pos", "hydra/launcher=gpus",
-        "hydra.sweep.dir=x", "model.n_heads=4", "data.paths=[a,b]", "data.paths.0=a", "device_pool=[0,1]",
-        "seed=range(3)", "~tracking", "attention=glob(*)", "cluster.setup=[a]", "train.lr=1e-3,3e-3",
-        "attention.n_kv_heads=2", "tracking.uri=sqlite:///x.db",
+        "attention=gqa,mha", "pos=alibi", "+experiment=attention_grid", "hydra/launcher=gpus",
+        "hydra.sweep.dir=x", "model.n_heads=4", "data=text", "data.paths=[a,b]", "data.paths.0=a",
+        "device_pool=[0,1]", "seed=range(3)", "~tracking", "attention=glob(*)", "cluster.setup=[a]",
+        "train.lr=1e-3,3e-3", "tracking.uri=sqlite:///x.db",
     ]) == []
+    assert check_overrides(["attention=gqa", "attention.n_kv_heads=2"]) == []
+
+
+@pytest.mark.xfail(strict=True, reason="an option's own YAML keys are checked, not those it inherits from its "
+                   "defaults list: train=smoke (built on train=default) refuses train.lr, train.checkpoint_every, ...")
+def test_an_option_accepts_the_keys_it_inherits():
+    assert check_overrides(["train=smoke", "train.lr=1e-3", "train.checkpoint_every=5"]) == []
 
 
 def test_check_names_every_unknown_override():

@@ -33,8 +33,9 @@ def test_every_option_is_a_registered_component():
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (project_root() / "experiments").glob("*.yaml")))
 def test_named_experiments_compose_with_their_sweep(experiment):
-    cfg = compose([f"+experiment={experiment}"])
-    assert cfg.tracking.experiment == experiment
+    cfg = compose([f"+experiment={experiment}"], return_hydra_config=True)
+    assert cfg.tracking.experiment == experiment.removesuffix("_gpu")  # a GPU-sized variant logs beside its CPU one
+    assert cfg.hydra.sweeper.params
 
 
 def test_typo_key_is_refused_naming_the_key():
@@ -51,10 +52,11 @@ def test_wrong_type_is_refused_naming_the_key():
     assert "steps" in str(cause)
 
 
-def test_unknown_option_is_refused():
+@pytest.mark.parametrize("override", ["attention=linear", "model=gpt5"])
+def test_unknown_option_is_refused(override):
     with pytest.raises(ConfigCompositionException) as err:
-        compose(["attention=linear"])
-    assert "linear" in str(err.value)
+        compose([override])
+    assert override.split("=")[1] in str(err.value) and override.split("=")[0] in str(err.value)
 
 
 def test_default_config_points_at_project_outputs():
@@ -63,3 +65,13 @@ def test_default_config_points_at_project_outputs():
     assert isinstance(cfg.seed, int)
     with pytest.raises(ConfigAttributeError):
         cfg.model.not_a_key = 1
+
+
+@pytest.mark.parametrize("arch", sorted(p.stem for p in (CONF / "arch").glob("*.yaml")))
+def test_an_arch_selects_each_of_its_components(arch):
+    from omegaconf import OmegaConf
+
+    wanted = {key.removeprefix("override /"): option
+              for entry in OmegaConf.load(CONF / "arch" / f"{arch}.yaml").defaults for key, option in entry.items()}
+    cfg = compose([f"+arch={arch}"])
+    assert len(wanted) == 4 and {group: cfg[group].name for group in wanted} == wanted

@@ -247,10 +247,33 @@ def test_packing_is_cheap():
     assert (time.perf_counter() - t) / 200 < 2e-3
 
 
-def test_batch_to_device():
-    ds = DocSet.from_token_lists(random_docs(5, seed=0), EOS)
-    b = next(TrainLoader(ds, 16, 2, seed=0, tokenizer=ByteTokenizer())).to("cpu")
-    assert b.tokens.device.type == "cpu" and b.tokens.shape == (2, 16)
+@pytest.mark.cuda
+def test_batches_for_the_gpu_are_pinned_then_copied_in_order(monkeypatch):
+    """The training loop's batches: packed and pinned by the prefetch thread, copied to the GPU without
+    blocking (a copy from pageable memory would block), the loader's batches in the loader's order."""
+    from ablate import build_model
+    from ablate.train.batches import Prefetcher, StepBatch
+
+    model = build_model("model.n_layers=1", "model.d_model=32", "model.n_heads=4", "model.context=64", device="cuda")
+    ds = DocSet.from_token_lists(random_docs(40, seed=0), EOS)
+    reference = TrainLoader(ds, 64, 2, seed=0, tokenizer=ByteTokenizer())
+    pinned, copy = [], StepBatch.to
+
+    def copied(self, device):
+        pinned.append(all(t.is_pinned() for t in (self.tokens, self.targets, self.positions)))
+        return copy(self, device)
+
+    monkeypatch.setattr(StepBatch, "to", copied)
+    batches = Prefetcher(TrainLoader(ds, 64, 2, seed=0, tokenizer=ByteTokenizer()), model, torch.device("cuda"))
+    try:
+        for _ in range(4):
+            got, want = batches.next(), next(reference)
+            assert got.tokens.device.type == got.targets.device.type == got.positions.device.type == "cuda"
+            assert torch.equal(got.tokens.cpu(), want.tokens) and torch.equal(got.targets.cpu(), want.targets)
+            assert got.n_targets == want.n_targets and got.data_state == reference.state_dict()
+    finally:
+        batches.close()
+    assert pinned == [True] * 4
 
 
 # --------------------------------------------------------------------------- tokenizer

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ablate.bench.toolkit import compare_to_reference, rel_err, tolerance
+from ablate.bench.toolkit import compare_to_reference, rel_err
 from ablate.kernels import (
     BACKENDS,
     AttentionSpec,

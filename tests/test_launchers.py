@@ -1,12 +1,11 @@
 """Sweeps beyond one process: one GPU per job on one host (hydra/launcher=gpus), and Slurm jobs
 (hydra/launcher=slurm), checked without GPUs or a cluster."""
 import os
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
+from conftest import FORKED
 from hydra.utils import instantiate
 
 from ablate.config import compose
@@ -52,17 +51,23 @@ def test_concurrent_jobs_take_different_gpus_and_wait_when_all_are_taken(tmp_pat
     late.join()
 
 
+def _hold_forever(pool, lock_dir, held):
+    with gpu_from_pool(pool, lock_dir) as index:
+        held.put(index)
+        time.sleep(60)
+
+
 def test_a_dead_job_leaves_its_gpu_free(tmp_path):
-    code = ("import sys, time; from pathlib import Path; from ablate.train.distributed import gpu_from_pool\n"
-            f"with gpu_from_pool([0], Path({str(tmp_path)!r})) as i:\n    print(i, flush=True); time.sleep(60)")
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "0"
+    held = FORKED.Queue()
+    child = FORKED.Process(target=_hold_forever, args=([0], tmp_path, held))
+    child.start()
+    assert held.get(timeout=60) == 0
     taken, release = [], threading.Event()
     waiting = _start([0], tmp_path, taken, release)
     time.sleep(0.2)
     assert taken == []  # the child holds GPU 0
     child.kill()  # no clean exit: the OS drops the lock with the process
-    child.wait()
+    child.join()
     assert _wait_for(taken, 1) == [0]
     release.set()
     waiting.join()

@@ -1,6 +1,7 @@
 """The sweep report on a made-up MLflow store: statistics checked against direct computations."""
 import math
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,7 @@ from ablate.report import build_report, main
 from ablate.report.plots import curve_band
 from ablate.report.stats import t_quantile
 from ablate.report.tables import length_multiple
+from ablate.tracking.mlflow import PARENT_TAG
 
 T975 = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 9: 2.262157, 29: 2.045230}  # printed t tables
 CELL_LOSS = {"mha": 2.00, "gqa": 1.90, "mqa": 2.05}
@@ -28,7 +30,7 @@ def final_loss(cell, seed):
 
 
 def add_run(client, exp, parent, start, params, metrics, status="FINISHED", tags=()):
-    run = client.create_run(exp, start_time=start, tags={"mlflow.parentRunId": parent, **dict(tags)}).info.run_id
+    run = client.create_run(exp, start_time=start, tags={PARENT_TAG: parent, **dict(tags)}).info.run_id
     client.log_batch(run, metrics=[Metric(k, v, start + step, step) for k, v, step in metrics],
                      params=[Param(k, str(v)) for k, v in params.items()])
     client.set_terminated(run, status, end_time=start + 1000)
@@ -48,9 +50,9 @@ def child_metrics(cell, seed):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{root}/mlflow.db"
+def store(module_store):
+    uri = module_store
+    root = Path(uri.removeprefix("sqlite:///")).parent
     client = MlflowClient(uri)
     art = (root / "artifacts").as_uri()
     late, grid = (client.create_experiment(n, artifact_location=f"{art}/{n}") for n in ("late", "grid"))

@@ -1,133 +1,40 @@
 """Kills and restarts: a re-run of the same command resumes into the same MLflow run and ends where an
 uninterrupted run ends, with each metric step logged once; a dead run is ended, a running one is not
-joined, edited data is refused; parallel jobs share one store."""
+joined, edited data is refused.
+
+Jobs are killed at chosen moments: they run in processes forked from a server that has imported torch
+and MLflow once (conftest's FORKED), so a restart costs the run's own start (data, store), not the imports.
+"""
 import logging
-import multiprocessing
 import random
-import signal
+import shutil
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
+from conftest import FORKED, history, runs_in, tiny_cfg
 from omegaconf import OmegaConf
 
-from ablate.config import compose, project_root
 from ablate.data import val_bucket
 from ablate.experiment import run
 from ablate.train import checkpoint
 
-ROOT = project_root()
-STEPS, EVERY = 300, 50
-ARGS = ["model.n_layers=1", "model.d_model=64", "model.context=128", "train.batch_size=4", f"train.steps={STEPS}",
-        f"train.checkpoint_every={EVERY}", "train.eval_every=100", "train.warmup_steps=10", "train.progress=false",
-        "data.max_val_batches=2"]
-
-
-def command(tmp_path, name):
-    return [sys.executable, "run.py", *ARGS, f"tracking.uri=sqlite:///{tmp_path}/{name}.db",
-            f"paths.output_dir={tmp_path}/{name}"]
-
-
-def runs(tmp_path, name):
-    client = MlflowClient(f"sqlite:///{tmp_path}/{name}.db")
-    return client, client.search_runs([client.get_experiment_by_name("ablate").experiment_id])
-
-
-def kill_after_checkpoint(cmd, sig, min_step):
-    """Start the run, wait for a checkpoint at step >= min_step, then send `sig`."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    folder = Path(cmd[-1].split("=", 1)[1])
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        found = list(folder.glob("checkpoints/*/last.pt"))
-        if found:
-            try:
-                step = torch.load(found[0], weights_only=True)["step"]
-            except Exception:  # noqa: BLE001 - the file is being replaced; look again
-                step = 0
-            if step >= min_step:
-                proc.send_signal(sig)
-                break
-        time.sleep(0.05)
-    out, _ = proc.communicate(timeout=300)
-    return proc.returncode, out
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("whole")
-    proc = subprocess.run(command(tmp, "whole"), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    client, (r,) = runs(tmp, "whole")
-    return r.data.metrics["val/loss"], [m.value for m in sorted(
-        client.get_metric_history(r.info.run_id, "train/loss"), key=lambda m: m.step)]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_rerun_after_kill_resumes_the_same_run_and_matches(sig, tmp_path, uninterrupted):
-    cmd = command(tmp_path, "killed")
-    code, out = kill_after_checkpoint(cmd, sig, min_step=100)
-    assert code != 0, out[-2000:]
-    client, (r,) = runs(tmp_path, "killed")
-    assert r.info.status == ("KILLED" if sig == signal.SIGTERM else "RUNNING")
-    logged = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]
-    assert len(logged) == len(set(logged)) and max(logged) < STEPS - 1  # stopped early, nothing doubled
-
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    client, (r,) = runs(tmp_path, "killed")  # the same run, resumed
-    assert r.info.status == "FINISHED"
-    assert int(r.data.tags["ablate.resumed_from_step"]) >= 100
-    history = sorted(client.get_metric_history(r.info.run_id, "train/loss"), key=lambda m: m.step)
-    assert [m.step for m in history] == list(range(STEPS))  # none missing, none duplicated
-    val_loss, curve = uninterrupted
-    assert r.data.metrics["val/loss"] == val_loss  # deterministic on CPU: bit-identical
-    assert [m.value for m in history] == curve
-
-
-@pytest.mark.slow
-def test_parallel_jobs_share_one_store(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cmd = [sys.executable, "run.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=range(10)",
-           "attention=mha,mqa", "train=smoke", "train.steps=6", "model.n_layers=1", "model.d_model=32",
-           "data.max_val_batches=1", f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/sweep"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    client = MlflowClient(uri)
-    all_runs = client.search_runs([client.get_experiment_by_name("ablate").experiment_id], max_results=100)
-    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(children) == 20 and len(all_runs) == 21
-    assert {(r.data.params["seed"], r.data.params["attention.name"]) for r in children} == {
-        (str(s), a) for s in range(10) for a in ("mha", "mqa")}
-    for r in children:
-        assert r.info.status == "FINISHED"
-        assert len(client.get_metric_history(r.info.run_id, "train/loss")) == 6
-        assert "val/loss" in r.data.metrics and "perf/tokens_per_s" in r.data.metrics
-
-
-# ---- jobs killed at chosen moments: forked from a server that has imported torch and mlflow once, so a
-# restart costs the run's own start (data, store), not the imports
-
-JOBS = multiprocessing.get_context("forkserver")
-JOBS.set_forkserver_preload(["ablate.experiment", "mlflow.store.tracking.sqlalchemy_store", "torch._inductor"])
-TINY = ["train=smoke", "model.n_layers=1", "model.d_model=64", "model.context=128", "train.batch_size=4",
-        "data.max_val_batches=2"]
+# the run that is killed and resumed: a checkpoint every 3 steps, metrics of every step
+STEPS = 180
+KILLED = [f"train.steps={STEPS}", "train.checkpoint_every=3", "train.eval_every=10", "train.log_every=1"]
 
 
 def job_config(tmp_path, *overrides):
-    cfg = compose([*TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"paths.output_dir={tmp_path}", *overrides])
+    cfg = tiny_cfg(f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"paths.output_dir={tmp_path}", *overrides)
     OmegaConf.resolve(cfg)
     return cfg
 
 
 def start(cfg, report: Path | None = None):
-    proc = JOBS.Process(target=run_and_report, args=(cfg, report))
+    proc = FORKED.Process(target=run_and_report, args=(cfg, report))
     proc.start()
     return proc
 
@@ -153,9 +60,7 @@ def wait_for(condition, proc, timeout=120.0) -> bool:
 
 
 def all_runs(tmp_path):
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = client.get_experiment_by_name("ablate")
-    return client, ([] if exp is None else client.search_runs([exp.experiment_id]))
+    return runs_in(f"sqlite:///{tmp_path}/mlflow.db")
 
 
 def stored_runs(db: Path) -> int:
@@ -176,6 +81,13 @@ def steps_of(client, run_id, key):
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+def last_step(folder: Path) -> int:
+    try:
+        return torch.load(folder / "last.pt", weights_only=True)["step"]
+    except Exception:  # noqa: BLE001 - not there yet, or being replaced: look again
+        return 0
+
+
 def _stat(path: Path):
     try:
         st = path.stat()
@@ -184,19 +96,50 @@ def _stat(path: Path):
     return st.st_ino, st.st_mtime_ns
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(store_template, tmp_path_factory):
+    """The killed runs' configuration, run once without interruption: (val/loss, train/loss curve)."""
+    tmp = tmp_path_factory.mktemp("whole")
+    shutil.copyfile(store_template, tmp / "mlflow.db")
+    run(job_config(tmp, *KILLED))
+    client, (r,) = all_runs(tmp)
+    return r.data.metrics["val/loss"], history(client, r.info.run_id, "train/loss")
+
+
 @pytest.mark.slow
-def test_every_step_is_logged_exactly_once_across_random_kills(tmp_path, caplog):
-    steps, kills = 240, 9
-    cfg = job_config(tmp_path, f"train.steps={steps}", "train.checkpoint_every=3", "train.eval_every=10",
-                     "train.log_every=1")
+def test_sigterm_ends_the_run_killed_and_the_rerun_resumes_it_bit_identically(tmp_path, store, uninterrupted):
+    cfg = job_config(tmp_path, *KILLED)
     folder = checkpoint.checkpoint_dir(cfg)
-    all_runs(tmp_path)  # creates the store first: a kill while MLflow creates a sqlite store's tables breaks it
+    proc = start(cfg)
+    assert wait_for(lambda: last_step(folder) >= 30, proc), f"no checkpoint (exit code {proc.exitcode})"
+    proc.terminate()  # SIGTERM: finish the step, checkpoint, end the run KILLED
+    proc.join()
+    assert proc.exitcode != 0
+    client, (r,) = all_runs(tmp_path)
+    assert r.info.status == "KILLED"
+    logged = steps_of(client, r.info.run_id, "train/loss")
+    stopped = last_step(folder)
+    assert logged == list(range(stopped)) and stopped < STEPS  # stopped early, up to its checkpoint
+
+    run(cfg)  # the same command again
+    client, (r,) = all_runs(tmp_path)  # the same run, resumed
+    assert r.info.status == "FINISHED" and r.data.tags["ablate.resumed_from_step"] == str(stopped)
+    val_loss, curve = uninterrupted
+    assert history(client, r.info.run_id, "train/loss") == curve  # every step once; on CPU bit-identical
+    assert r.data.metrics["val/loss"] == val_loss
+
+
+@pytest.mark.slow
+def test_every_step_is_logged_exactly_once_across_random_kills(tmp_path, store, uninterrupted, caplog):
+    kills = 6  # before the first checkpoint, twice while one is written, three times after one
+    cfg = job_config(tmp_path, *KILLED)
+    folder = checkpoint.checkpoint_dir(cfg)
     last, rng, torn_writes = folder / "last.pt", random.Random(7), 0
     for i in range(kills):
         before = _stat(last)
         proc = start(cfg)
         if i == 0:  # while the run starts, before its first checkpoint
-            time.sleep(rng.uniform(0.5, 2.0))
+            time.sleep(rng.uniform(0.2, 1.0))
         elif i % 3 == 1:  # in the middle of writing a checkpoint
             wait_for(lambda: any(folder.glob(f".*.{proc.pid}.tmp")), proc)
         else:  # at a random moment after this process wrote a checkpoint
@@ -216,9 +159,11 @@ def test_every_step_is_logged_exactly_once_across_random_kills(tmp_path, caplog)
     client, found = all_runs(tmp_path)
     (done,) = [r for r in found if r.info.status == "FINISHED"]
     assert done.data.tags["ablate.resumed_from_step"] == str(fallback)
-    assert steps_of(client, done.info.run_id, "train/loss") == list(range(steps))
+    val_loss, curve = uninterrupted
+    assert history(client, done.info.run_id, "train/loss") == curve  # every step once, as if never killed
+    assert done.data.metrics["val/loss"] == val_loss
     val = steps_of(client, done.info.run_id, "val/loss")
-    assert val == sorted(set(val)) == list(range(10, steps + 1, 10))
+    assert val == sorted(set(val)) == list(range(10, STEPS + 1, 10))
     for r in found:  # runs killed before their first checkpoint were ended, none is left RUNNING
         assert r.info.status in ("FINISHED", "KILLED"), (r.info.run_id, r.info.status)
         if r.info.status == "KILLED":
@@ -227,7 +172,7 @@ def test_every_step_is_logged_exactly_once_across_random_kills(tmp_path, caplog)
 
 
 @pytest.mark.slow
-def test_a_second_identical_command_is_refused_while_the_first_runs(tmp_path):
+def test_a_second_identical_command_is_refused_while_the_first_runs(tmp_path, store):
     cfg = job_config(tmp_path, "train.steps=100000", "train.checkpoint_every=5")
     first = start(cfg)
     folder = checkpoint.checkpoint_dir(cfg)
@@ -250,7 +195,7 @@ def test_a_second_identical_command_is_refused_while_the_first_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_whose_process_died_is_ended_when_the_next_run_starts(tmp_path):
+def test_a_run_whose_process_died_is_ended_when_the_next_run_starts(tmp_path, store):
     cfg = job_config(tmp_path, "train.steps=100000", "train.checkpoint_every=100000")  # dies before any checkpoint
     proc = start(cfg)
     assert wait_for(lambda: stored_runs(tmp_path / "mlflow.db") > 0, proc)
@@ -276,12 +221,12 @@ def _edit(paths: list[Path], at: int, grow: bool = False) -> dict[Path, str]:
 
 
 @pytest.mark.slow
-def test_edited_data_is_refused_before_the_run_is_reopened(tmp_path):
+def test_edited_data_is_refused_before_the_run_is_reopened(tmp_path, store):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    words = random.Random(0).choices(["to", "be", "or", "not", "that", "is", "the", "question"], k=60000)
+    words = random.Random(0).choices(["to", "be", "or", "not", "that", "is", "the", "question"], k=20000)
     for i in range(40):
-        (corpus / f"doc{i:02d}.txt").write_text(" ".join(words[i * 1500 : (i + 1) * 1500]))
+        (corpus / f"doc{i:02d}.txt").write_text(" ".join(words[i * 500 : (i + 1) * 500]))
     val_docs = [p for p in sorted(corpus.iterdir()) if val_bucket(f"{p.name}#0") < 200]
     train_doc = next(p for p in sorted(corpus.iterdir()) if p not in val_docs)
     data = ["data=text", f"data.paths=[{corpus}]", "data.val_per_mille=200"]
@@ -315,16 +260,15 @@ def test_edited_data_is_refused_before_the_run_is_reopened(tmp_path):
     assert [p.name for p in folder.glob("set-aside-*/last.pt")] == ["last.pt"]  # the old checkpoint is kept
 
 
-def test_a_reopened_run_logs_only_the_steps_its_store_lacks(tmp_path):
+def test_a_reopened_run_logs_only_the_steps_its_store_lacks(store):
     from ablate.tracking.mlflow import MlflowTracker
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    first = MlflowTracker(uri, "ablate", "first", {})
+    first = MlflowTracker(store, "ablate", "first", {})
     for step in range(6):
         first.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
     first.log_metrics({"val/loss": 2.0}, 4)
     first.flush()  # the process dies here, its checkpoint at step 2
-    again = MlflowTracker(uri, "ablate", None, {}, run_id=first.run_id)
+    again = MlflowTracker(store, "ablate", None, {}, run_id=first.run_id)
     for step in range(2, 9):
         again.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
         if step % 4 == 0:
@@ -336,11 +280,11 @@ def test_a_reopened_run_logs_only_the_steps_its_store_lacks(tmp_path):
     assert client.get_run(first.run_id).info.status == "FINISHED"
 
 
-def test_a_checkpoint_of_a_run_the_store_lacks_is_refused_with_the_fix(tmp_path):
+def test_a_checkpoint_of_a_run_the_store_lacks_is_refused_with_the_fix(store):
     from ablate.tracking.mlflow import MlflowTracker
 
     with pytest.raises(RuntimeError, match="train.resume=false"):
-        MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "ablate", None, {}, run_id="0" * 32)
+        MlflowTracker(store, "ablate", None, {}, run_id="0" * 32)
 
 
 def test_a_process_is_known_by_its_pid_and_start_time():

@@ -5,39 +5,35 @@ import math
 import numpy as np
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
+from conftest import runs_in, tiny_cfg
 
 from ablate.config import compose
 from ablate.experiment import build_run, run
 from ablate.models import LanguageModel, count_params
 from ablate.train.evaluate import standard_error
 
-TINY = ["model.n_layers=1", "model.d_model=32", "model.n_heads=4", "model.context=64", "train.batch_size=4",
-        "data.max_val_batches=2", "train.progress=false", "eval.sample_tokens=8"]
 
-
-def _run(tmp_path, *overrides):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    run(compose([*TINY, "train.steps=8", "train.warmup_steps=2", f"tracking.uri={uri}",
-                 f"paths.output_dir={tmp_path}", *overrides]))
-    client = MlflowClient(uri)
-    (r,) = client.search_runs([client.get_experiment_by_name("ablate").experiment_id])
+def _run(store, name, *overrides):
+    run(tiny_cfg("train.steps=8", f"tracking.uri={store}", f"tracking.run_name={name}", "eval.samples=1",
+                 "eval.sample_tokens=8", *overrides))
+    client, runs = runs_in(store)
+    (r,) = [r for r in runs if r.info.run_name == name]
     return client, r
 
 
 @pytest.mark.slow
-def test_extrapolation_is_measured_where_a_scheme_can_place_the_positions(tmp_path):
-    client, rope = _run(tmp_path / "rope", "pos=rope", "eval.context_multiples=[1,2,4]")
+def test_extrapolation_is_measured_where_a_scheme_can_place_the_positions(store):
+    client, rope = _run(store, "rope", "pos=rope", "eval.context_multiples=[1,2,4]")
     assert {"val/loss", "val/loss_2x", "val/loss_4x", "val/loss_se", "val/loss_best"} <= set(rope.data.metrics)
     assert all(math.isfinite(rope.data.metrics[k]) for k in ("val/loss_2x", "val/loss_4x"))
     assert "samples.txt" in {a.path for a in client.list_artifacts(rope.info.run_id)}
-    _, learned = _run(tmp_path / "learned", "pos=learned", "eval.context_multiples=[1,2,4]")
+    _, learned = _run(store, "learned", "pos=learned", "eval.context_multiples=[1,2,4]")
     assert "val/loss_2x" not in learned.data.metrics and "val/loss" in learned.data.metrics
     assert "not applicable at 2x, 4x" in learned.data.tags["ablate.extrapolation"]
 
 
 def test_every_context_multiple_evaluates_the_same_documents():
-    built = build_run(compose([*TINY, "tracking=none", "eval.context_multiples=[1,2,4]"]))
+    built = build_run(tiny_cfg("tracking=none", "eval.context_multiples=[1,2,4]"))
     tokens = {m: sum(b.tokens.numel() - b.n_pad for b in built.data.val_batches(m)) for m in (1, 2, 4)}
     assert tokens[1] == tokens[2] == tokens[4]
     assert all(b.tokens.shape[1] == 4 * 64 for b in built.data.val_batches(4))
@@ -49,10 +45,13 @@ def test_every_context_multiple_evaluates_the_same_documents():
 @pytest.mark.parametrize("attention", ["gqa", "mqa"])
 @pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
 def test_matched_parameters_are_within_one_percent_of_mha(attention, mlp):
-    base = ["model=small", f"mlp={mlp}"]
-    mha = count_params(LanguageModel(compose([*base, "attention=mha"]), 257))
-    unmatched = count_params(LanguageModel(compose([*base, f"attention={attention}"]), 257))
-    matched = count_params(LanguageModel(compose([*base, f"attention={attention}", "model.match_params=true"]), 257))
+    def n_params(*overrides):
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            return count_params(LanguageModel(compose(["model=small", f"mlp={mlp}", *overrides]), 257))
+
+    mha = n_params("attention=mha")
+    unmatched = n_params(f"attention={attention}")
+    matched = n_params(f"attention={attention}", "model.match_params=true")
     assert abs(unmatched - mha) / mha > 0.05  # the gap matching has to close
     assert abs(matched - mha) / mha < 0.01
 
@@ -60,7 +59,7 @@ def test_matched_parameters_are_within_one_percent_of_mha(attention, mlp):
 def test_a_flop_budget_sets_the_steps_and_is_spent_equally():
     steps = {}
     for attention in ("mha", "mqa"):
-        built = build_run(compose([*TINY, "tracking=none", "train.flops=2e10", f"attention={attention}"]))
+        built = build_run(tiny_cfg("tracking=none", "train.flops=2e10", f"attention={attention}"))
         per_step = built.flops.flops(4 * 64, 4 * 64 * 32)  # roughly: the FLOP model at ~32 keys a query
         steps[attention] = built.trainer.t.steps
         assert abs(steps[attention] * per_step - 2e10) / 2e10 < 0.5
@@ -84,9 +83,9 @@ def test_standard_error_of_the_token_weighted_mean():
 
 def test_dropout_is_off_by_default_and_acts_in_training_only():
     torch.manual_seed(0)
-    plain = LanguageModel(compose(TINY), 257)
+    plain = LanguageModel(tiny_cfg(), 257)
     assert not any(isinstance(m, torch.nn.Dropout) for m in plain.modules())
-    model = LanguageModel(compose([*TINY, "model.dropout=0.5"]), 257)
+    model = LanguageModel(tiny_cfg("model.dropout=0.5"), 257)
     tokens = torch.randint(0, 257, (2, 16))
     model.train()
     assert not torch.equal(model(tokens), model(tokens))

@@ -1,6 +1,5 @@
 """The MLflow store: concurrent processes on a new store, and the checks made before any compute."""
 import http.server
-import multiprocessing
 import os
 import shutil
 import sqlite3
@@ -11,10 +10,11 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import FORKED
 
 from ablate.tracking.store import check_store, check_writable, open_client
 
-PROCESSES, ROUNDS = 6, 10
+PROCESSES, ROUNDS = 4, 2  # each round: a new store, created by whichever process gets there first
 
 
 def _open_log_close(index, uris, barrier, results):
@@ -35,9 +35,8 @@ def _open_log_close(index, uris, barrier, results):
 @pytest.mark.slow
 def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
     uris = [f"sqlite:///{tmp_path}/round{r}/mlflow.db" for r in range(ROUNDS)]
-    ctx = multiprocessing.get_context("spawn")  # imports done before the barrier: the opens really race
-    barrier, results = ctx.Barrier(PROCESSES), ctx.Queue()
-    workers = [ctx.Process(target=_open_log_close, args=(i, uris, barrier, results)) for i in range(PROCESSES)]
+    barrier, results = FORKED.Barrier(PROCESSES), FORKED.Queue()  # imports done before: the opens really race
+    workers = [FORKED.Process(target=_open_log_close, args=(i, uris, barrier, results)) for i in range(PROCESSES)]
     for worker in workers:
         worker.start()
     outcomes = [results.get(timeout=300) for _ in range(PROCESSES * ROUNDS)]
@@ -78,17 +77,26 @@ def test_a_parent_run_that_cannot_be_made_stops_the_multirun(tmp_path, monkeypat
     assert not (tmp_path / "sweep" / "parent_run_id").exists()
 
 
-def test_a_parent_run_is_made_and_named_in_the_sweep_folder(tmp_path):
+@pytest.mark.parametrize("children", [[], ["FINISHED", "FINISHED"], ["FINISHED", "FAILED"]])
+def test_a_parent_run_is_named_in_the_sweep_folder_and_ends_as_its_children_did(children, store, tmp_path):
     from hydra._internal.callbacks import Callbacks
+
+    from ablate.tracking.mlflow import PARENT_TAG
 
     cfg = _sweep_config(tmp_path, "attention=mha")
     callbacks = Callbacks(cfg)
     callbacks.on_multirun_start(config=cfg)
     run_id = (tmp_path / "sweep" / "parent_run_id").read_text()
+    client = open_client(store)
+    for status in children:
+        child = client.create_run(client.get_run(run_id).info.experiment_id, tags={PARENT_TAG: run_id})
+        client.set_terminated(child.info.run_id, status)
     callbacks.on_multirun_end(config=cfg)
-    run = open_client(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
+    run = client.get_run(run_id)
     assert run.data.tags["ablate.sweep"].endswith(" attention=mha")
-    assert run.info.status == "FAILED"  # a sweep without children did not succeed
+    # a sweep without children, or with a child that did not finish, did not succeed
+    assert run.info.status == ("FINISHED" if children and set(children) == {"FINISHED"} else "FAILED")
+    assert run.data.metrics.get("sweep/runs", 0) == len(children)
 
 
 @contextmanager
@@ -124,13 +132,12 @@ def _one(problems, *words):
     return problems[0]
 
 
-def test_a_new_store_and_a_working_store_pass(tmp_path):
+def test_a_new_store_and_a_working_store_pass(tmp_path, store):
     uri = f"sqlite:///{tmp_path}/new/folder/mlflow.db"
     assert check_store(uri) == []
     assert (tmp_path / "new" / "folder").is_dir()
-    client = open_client(uri)
-    client.create_experiment("x")
-    assert check_store(uri) == []
+    open_client(store).create_experiment("x")
+    assert check_store(store) == []
     assert check_store("sqlite://") == [] and check_store("postgresql://db.lan/mlflow") == []
 
 
@@ -151,9 +158,8 @@ def test_a_file_that_is_not_an_mlflow_database_is_refused(tmp_path):
     _one(check_store(f"sqlite:///{tmp_path}/other.db"), "something else", "invoices")
 
 
-def test_a_store_left_half_migrated_is_refused_with_the_repair(tmp_path):
-    db = tmp_path / "mlflow.db"
-    open_client(f"sqlite:///{db}")
+def test_a_store_left_half_migrated_is_refused_with_the_repair(tmp_path, store):
+    db = tmp_path / "mlflow.db"  # the store's file
     with closing(sqlite3.connect(db)) as con:
         con.execute("CREATE TABLE _alembic_tmp_experiments (x INTEGER)")
         con.commit()

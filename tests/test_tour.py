@@ -20,8 +20,8 @@ XFORMERS_SECTIONS = ["correctness", "scaling", "causal", "packed", "gqa", "alibi
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return f"sqlite:///{tmp_path_factory.mktemp('tour')}/tour.db"
+def store(module_store):
+    return module_store
 
 
 def _runs(uri):

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from ablate.data import Data, build_data
 from ablate.models import LanguageModel, count_params, matmul_params
 from ablate.tracking.dashboard import significant
-from ablate.tracking.mlflow import Tracker, git_commit, open_tracker, run_params
+from ablate.tracking.mlflow import PARENT_TAG, Tracker, git_commit, open_tracker, run_params
 from ablate.tracking.naming import job_command, job_run_name
 from ablate.tracking.sweep import parent_run_id
 from ablate.train import checkpoint, distributed, resume
@@ -115,7 +115,7 @@ def _tags(cfg: DictConfig, the_plan: Plan, overrides: str, dist: Dist) -> dict[s
         tags.update({"ablate.world_size": str(dist.world_size), "ablate.parallel": cfg.train.parallel})
     parent = parent_run_id()
     if parent:
-        tags["mlflow.parentRunId"] = parent
+        tags[PARENT_TAG] = parent
     commit = git_commit(cfg.paths.root_dir)
     if commit:
         tags["mlflow.source.git.commit"] = commit

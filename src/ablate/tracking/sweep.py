@@ -24,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from ablate.tracking.dashboard import NOTE_TAG, param_key, save_sweep_view, view_link, view_page
 from ablate.tracking.naming import command, sweep_axes, sweep_name, sweep_values, write_axes
 
+from ablate.tracking.mlflow import PARENT_TAG
+
 PARENT_FILE = "parent_run_id"
 
 
@@ -97,7 +99,7 @@ class SweepParentRun(Callback):
             return
         client, run_id = self.tracker.client, self.tracker.run_id
         children = client.search_runs(
-            [self.tracker.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
+            [self.tracker.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{run_id}'"
         )
         failed = [r for r in children if r.info.status != "FINISHED"]
         self.tracker.log_metrics({"sweep/runs": len(children), "sweep/failed": len(failed)}, step=0)
