@@ -142,13 +142,8 @@ def _finished(jobs, name):
     return _record(tmp, name)
 
 
-FSDP_BROKEN = pytest.mark.xfail(strict=True, reason="FSDP2 on CPU fails at the first step: the training step "
-                                "calls the sharded model's loss(), not forward(), so the root's parameters (the "
-                                "embedding) are never gathered ('mixed torch.Tensor and DTensor')")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=FSDP_BROKEN)])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_train_like_one_rank_with_twice_the_batch(jobs, parallel):
     (one,), single = _finished(jobs, "one")
     runs, history = _finished(jobs, parallel)
@@ -168,7 +163,6 @@ def test_two_ranks_train_like_one_rank_with_twice_the_batch(jobs, parallel):
 
 
 @pytest.mark.slow
-@FSDP_BROKEN
 def test_fsdp_checkpoint_is_one_whole_file_of_the_ranks_own_folder(jobs):
     tmp = jobs[0]
     _finished(jobs, "fsdp")

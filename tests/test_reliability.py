@@ -159,15 +159,11 @@ def test_data_that_cannot_be_read_is_refused_naming_the_file_and_key(overrides, 
     assert_words(data_refusal([o.replace("{files}", str(files)) for o in overrides]), words)
 
 
-@pytest.mark.xfail(strict=True, reason="an empty *val*.bin is read as zero validation documents: the run "
-                   "reports val/loss 0.0 instead of refusing the shard")
 def test_an_empty_validation_shard_is_refused_naming_it_and_the_fix(files):
     message = data_refusal(["data=tokens", f"data.path={files}/empty_val", "data.eot_id=100", "data.vocab_size=128"])
     assert "x_val.bin" in message and "data.val_per_mille" in message, message
 
 
-@pytest.mark.xfail(strict=True, reason="eval.context_multiples holds ints without a declared range: 0 or a "
-                   "negative multiple passes plan() and fails (or packs nothing) at the end of training")
 @pytest.mark.parametrize("multiples", ["[0]", "[1,-2]"])
 def test_a_context_multiple_below_one_is_refused_by_plan(multiples):
     assert "eval.context_multiples" in refusal([f"eval.context_multiples={multiples}"])

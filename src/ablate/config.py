@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 
 def num(gt: float | None = None, ge: float | None = None, lt: float | None = None, le: float | None = None) -> Any:
@@ -151,7 +151,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    context_multiples: list[int] = MISSING  # held-out documents at these multiples of model.context (extrapolation)
+    context_multiples: list[int] = field(default=MISSING, metadata={"range": (None, 1, None, None)})  # each >= 1
     samples: int = num(ge=0)  # continuations of held-out prompts written to samples.txt at the end
     sample_tokens: int = num(ge=1)
 
@@ -223,7 +223,14 @@ OPTION_SCHEMAS = {
 
 
 def out_of_range(metadata: Any, key: str, value: Any) -> str | None:
-    """'key=value must be <range>' when a numeric value breaks the range its field declares, else None."""
+    """'key=value must be <range>' when a numeric value (or an item of a list of them) breaks the range its
+    field declares, else None."""
+    if isinstance(value, (list, tuple, ListConfig)):
+        for i, item in enumerate(value):
+            problem = out_of_range(metadata, f"{key}[{i}]", item)
+            if problem:
+                return problem
+        return None
     if "range" not in metadata or not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
     gt, ge, lt, le = metadata["range"]
@@ -273,6 +280,24 @@ def visible_gpus() -> list[int]:
     return list(range(torch.cuda.device_count()))
 
 
+def keys_help() -> str:
+    """Every key of the config, with the options that have it (`python run.py --help`)."""
+    from ablate.cli import groups, option_keys
+
+    lines = []
+    for group, options in groups().items():
+        if group == "experiment":
+            continue
+        owners: dict[str, list[str]] = {}
+        for option in options:
+            for key in option_keys(group, option):
+                if key != "name":
+                    owners.setdefault(key, []).append(option)
+        for key, have in owners.items():
+            lines.append(f"{group}.{key}" + ("" if len(have) == len(options) else f"  ({group}={', '.join(have)})"))
+    return "\n".join(lines)
+
+
 def groups_help() -> str:
     """`group: option, option` lines for `python run.py --help` (the YAML options, not the schemas)."""
     from ablate.cli import groups
@@ -282,6 +307,7 @@ def groups_help() -> str:
 
 RESOLVERS = {
     "ablate.groups": groups_help,
+    "ablate.keys": keys_help,
     "ablate.visible_gpus": visible_gpus,
     "ablate.jobs_for": lambda pool: max(1, len(pool)),  # one sweep job at a time per GPU of the pool
 }

@@ -325,7 +325,12 @@ class TokenShardCorpus(Corpus):
         n_train = len(self.train_files)
         train = _docset(shards[:n_train])
         if self.val_files:
-            return train, _docset(shards[n_train:])
+            val = _docset(shards[n_train:])
+            if val.n_tokens == 0:
+                empty = ", ".join(str(f) for f in self.val_files)
+                raise ValueError(f"the validation shards ({empty}) hold no tokens; write tokens into them, or remove "
+                                 "them to hold out training documents instead (data.val_per_mille per thousand)")
+            return train, val
         salts = np.concatenate([np.full(s.starts.size, _name_salt(s.path), np.int64) for s in shards[:n_train]])
         index = np.concatenate([np.arange(s.starts.size) for s in shards[:n_train]])
         in_val = _splitmix_bucket(index, salts) < val_per_mille

@@ -199,6 +199,9 @@ def parallelize(model: nn.Module, parallel: str) -> nn.Module:
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)  # embeddings, tied head and final norm
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(model, "loss")  # the step calls loss(), not forward(): gather around it too
         return SummedLoss(model)
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
