@@ -166,6 +166,30 @@ def test_a_store_left_half_migrated_is_refused_with_the_repair(tmp_path, store):
     _one(check_store(f"sqlite:///{db}"), "_alembic_tmp_experiments", "mlflow db upgrade", "new file")
 
 
+def _write_and_die(db):
+    """Change the store inside a transaction and die before committing it: a kill -9 mid-write."""
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA cache_size = 1")  # a small cache spills changed pages into the file before the commit
+    con.execute("BEGIN IMMEDIATE")
+    con.executemany("INSERT INTO experiments (name, lifecycle_stage) VALUES (?, 'active')",
+                    [(f"half-written {i} " + "x" * 200,) for i in range(2000)])
+    con.execute("UPDATE experiments SET name = 'renamed' WHERE experiment_id = 0")
+    os._exit(9)
+
+
+def test_a_store_left_mid_write_by_a_killed_run_passes_and_is_rolled_back(tmp_path, store):
+    db = tmp_path / "mlflow.db"
+    open_client(store).create_experiment("kept")
+    proc = FORKED.Process(target=_write_and_die, args=(db,))
+    proc.start()
+    proc.join()
+    assert proc.exitcode == 9
+    assert (tmp_path / "mlflow.db-journal").exists()  # the hot journal a killed writer leaves behind
+    assert check_store(store) == []
+    names = {e.name for e in open_client(store).search_experiments()}
+    assert "kept" in names and "renamed" not in names and not [n for n in names if n.startswith("half-written")]
+
+
 def test_a_read_only_database_file_is_refused(shared):
     db = shared / "mlflow.db"
     sqlite3.connect(db).close()

@@ -143,9 +143,11 @@ def _check_sqlite(uri: str) -> list[str]:
 
 def _check_schema(uri: str, db: Path) -> list[str]:
     """The database is MLflow's, and no half-finished schema migration left `_alembic_tmp_*` tables
-    (they break every later open)."""
+    (they break every later open). Opened for writing (the file is known writable): a run killed
+    mid-write leaves a hot journal that SQLite rolls back on the first open able to write, and a
+    read-only open would refuse that store instead."""
     try:
-        with closing(sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True, timeout=10)) as con:
+        with closing(sqlite3.connect(db, timeout=10)) as con:
             tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
     except sqlite3.Error as err:
         if "locked" in str(err):
