@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY
+from conftest import TINY, runs_in
 
 from ablate.cli import check_overrides
 from ablate.config import project_root
@@ -45,6 +45,28 @@ def test_a_refused_configuration_prints_only_the_reason(args, words, run_main):
     for word in words:
         assert word in out, out
     assert "Traceback" not in out and "HYDRA_FULL_ERROR" not in out, out
+
+
+# (what the file holds: None for no file, the message's words); the data is read after plan() and check_io()
+UNUSABLE_DATA = [
+    (None, ["data.txt' (from data.paths) does not exist"]),
+    ("Où est le café?\n".encode("latin-1") * 20, ["data.txt' is not valid utf-8: byte 1", "data.encoding=latin-1"]),
+    (bytes(range(256)) * 8, ["data.txt' is not valid utf-8: byte 128", "data.paths (narrow data.glob)"]),
+]
+
+
+@pytest.mark.parametrize("content,words", UNUSABLE_DATA, ids=["missing", "latin-1", "binary"])
+def test_data_that_cannot_be_used_is_refused_with_only_the_reason(content, words, run_main, tmp_path, store):
+    path = tmp_path / "data.txt"
+    if content is not None:
+        path.write_bytes(content)
+    code, out = run_main(*TINY, "data=text", f"data.paths=[{path}]", f"tracking.uri={store}",
+                         f"paths.output_dir={tmp_path}/out")
+    assert code == 2, out
+    assert "the data cannot be used:" in out and "Traceback" not in out, out
+    for word in words:
+        assert word in out, out
+    assert runs_in(store)[1] == [], "a refused run leaves no run in the store"
 
 
 def test_a_refused_process_exits_2_without_a_traceback(tmp_path):

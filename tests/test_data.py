@@ -28,6 +28,7 @@ from ablate.data import (
 )
 from ablate.data.bundle import parse_play, parse_plays, plays_dir, write_bundle
 from ablate.data.corpus import Document, ShakespeareCorpus, read_bundle, shakespeare_documents
+from ablate.errors import DataError
 
 EOS = 256
 
@@ -312,7 +313,7 @@ def test_text_corpus(tmp_path):
 
 def test_text_corpus_errors(tmp_path):
     missing = tmp_path / "nowhere"
-    with pytest.raises(FileNotFoundError, match=r"nowhere.*data\.paths"):
+    with pytest.raises(DataError, match=r"nowhere.*data\.paths"):
         build_data({"name": "text", "paths": [str(missing)]}, 16, 2, 0, None)
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -433,7 +434,7 @@ def test_bad_shards(tmp_path):
         open_shard(short)
     with pytest.raises(ValueError, match="vocabulary of size 50000"):
         check_vocab(50256, 50000, "a shard")
-    with pytest.raises(FileNotFoundError, match="data.path"):
+    with pytest.raises(DataError, match="data.path"):
         build_data({"name": "tokens", "path": str(tmp_path / "none"), "eot_id": 0}, 8, 1, 0, None)
 
 

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ablate.data import Data, build_data
+from ablate.errors import DataError
 from ablate.models import LanguageModel, count_params, matmul_params
 from ablate.tracking.dashboard import significant
 from ablate.tracking.mlflow import PARENT_TAG, Tracker, git_commit, open_tracker, run_params
@@ -66,8 +67,11 @@ def build_run(cfg: DictConfig, the_plan: Plan | None = None, tracker: Tracker | 
     the_plan = the_plan or plan(cfg)
     seed_everything(cfg.seed, cfg.deterministic, the_plan.device)
     # data parallel: every rank reads the global batch (train.batch_size rows per rank) and keeps its rows
-    data = build_data(cfg.data, context=cfg.model.context, batch_size=cfg.train.batch_size * dist.world_size,
-                      seed=cfg.seed, vocab_size=None)
+    try:
+        data = build_data(cfg.data, context=cfg.model.context, batch_size=cfg.train.batch_size * dist.world_size,
+                          seed=cfg.seed, vocab_size=None)
+    except DataError as err:  # the user's files: a refusal (a message, exit status 2), not a crash
+        raise DataError(f"the data cannot be used:\n  - {err}") from None
     model = build_model(cfg, the_plan, data.tokenizer.vocab_size)
     flops = FlopModel(matmul_params(model), cfg.model.n_layers, the_plan.spec.n_heads * the_plan.spec.head_dim)
     if cfg.train.flops is not None:

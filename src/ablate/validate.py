@@ -14,14 +14,11 @@ import torch
 from omegaconf import DictConfig
 
 from ablate.config import range_problems
+from ablate.errors import ConfigError
 from ablate.kernels import BACKENDS, KernelRefused, select_backend
 from ablate.kernels.base import Backend
 from ablate.kernels.spec import AttentionSpec
 from ablate.models import LanguageModel
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; raised before any compute."""
 
 
 @dataclass

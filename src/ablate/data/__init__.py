@@ -11,6 +11,7 @@ from ablate.data.corpus import CORPORA, Corpus, Document, config_value, split_do
 from ablate.data.packing import DocSet, PackedBatch, TrainLoader, pack_eval, padding_frac
 from ablate.data.shards import check_vocab, open_shard, write_shard
 from ablate.data.tokenizer import IGNORE_INDEX, ByteTokenizer, PretokenizedTokenizer, Tokenizer
+from ablate.errors import DataError
 
 __all__ = [
     "CORPORA",
@@ -89,7 +90,7 @@ def build_data(data_cfg: Any, context: int, batch_size: int, seed: int, vocab_si
     corpus = CORPORA.get(config_value(data_cfg, "name", "shakespeare")).from_config(data_cfg)
     tokenizer = corpus.tokenizer(vocab_size)
     if vocab_size is not None and tokenizer.vocab_size > vocab_size:
-        raise ValueError(
+        raise DataError(
             f"the '{tokenizer.name}' tokenizer has {tokenizer.vocab_size} ids but the model's vocab size is "
             f"{vocab_size}; raise the vocab size to at least {tokenizer.vocab_size}"
         )

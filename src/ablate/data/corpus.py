@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ablate.data.packing import DocSet
+from ablate.errors import DataError
 from ablate.data.shards import check_vocab, find_shards, shard_documents
 from ablate.data.tokenizer import ByteTokenizer, PretokenizedTokenizer, Tokenizer
 from ablate.registry import Registry
@@ -97,9 +98,9 @@ class TextCorpus(Corpus):
     def split(self, val_per_mille: int) -> tuple[list[Document], list[Document]]:
         train, val = split_documents(self.documents(), val_per_mille)
         if not train:
-            raise ValueError(f"{self.describe()}: no documents are left for training; lower data.val_per_mille")
+            raise DataError(f"{self.describe()}: no documents are left for training; lower data.val_per_mille")
         if not val and val_per_mille > 0:
-            raise ValueError(
+            raise DataError(
                 f"{self.describe()}: none of its {len(train)} documents fell in the validation split; "
                 "split files into more documents (data.doc_separator) or raise data.val_per_mille"
             )
@@ -129,7 +130,7 @@ def shakespeare_documents() -> tuple[Document, ...]:
     """The bundled plays, one document per scene, read once per process."""
     resource = resources.files("ablate.data").joinpath(BUNDLE)
     if not resource.is_file():
-        raise FileNotFoundError(f"the shakespeare corpus ({BUNDLE}) is missing from the ablate package; reinstall it")
+        raise DataError(f"the shakespeare corpus ({BUNDLE}) is missing from the ablate package; reinstall it")
     with resource.open("rb") as f:
         return read_bundle(f)
 
@@ -169,27 +170,30 @@ def check_decoding(encoding: str, errors: str) -> None:
     # codec of the standard library, or one that carries the name asked for
     in_stdlib = encodings.search_function(encoding.lower()) is not None
     if info is None or not (in_stdlib or _codec_name(info.name) == _codec_name(encoding)):
-        raise ValueError(f"data.encoding='{encoding}' is an unknown encoding; {fix}")
+        raise DataError(f"data.encoding='{encoding}' is an unknown encoding; {fix}")
     try:
         b"\n".decode(encoding)  # a codec that is not a text encoding refuses here (not on b"")
     except LookupError:
-        raise ValueError(f"data.encoding='{encoding}' is not a text encoding; {fix}") from None
+        raise DataError(f"data.encoding='{encoding}' is not a text encoding; {fix}") from None
     except UnicodeError:
         pass  # a text encoding in which a lone newline byte does not decode (utf-16)
     if errors not in DECODE_ERRORS:
         choices = ", ".join(DECODE_ERRORS)
-        raise ValueError(f"data.errors='{errors}' is not an error handler for decoding text; choose one of: {choices}")
+        raise DataError(f"data.errors='{errors}' is not an error handler for decoding text; choose one of: {choices}")
 
 
 def decode_file(path: str, encoding: str = "utf-8", errors: str = "strict") -> str:
     """The text of a file, with universal newlines. With `errors="strict"` a byte that does not decode
     stops the run, naming the file, the byte's offset and line, and the fix."""
-    raw = Path(path).read_bytes()
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise DataError(f"text file '{path}' (from data.paths) cannot be read: {err.strerror}") from None
     try:
         text = raw.decode(encoding, errors)
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise ValueError(
+        raise DataError(
             f"text file '{path}' is not valid {encoding}: byte {e.start} (0x{raw[e.start]:02x}, line {line}): "
             f"{e.reason}. Set data.encoding=latin-1 if the file is Latin-1, "
             "or data.errors=replace to accept replacement characters; a file that is not text does not belong in "
@@ -232,7 +236,7 @@ class TextFilesCorpus(TextCorpus):
         paths = config_value(cfg, "paths", [])
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if not paths:
-            raise ValueError("the 'text' corpus needs files or folders in data.paths")
+            raise DataError("the 'text' corpus needs files or folders in data.paths")
         return cls(
             paths,
             config_value(cfg, "glob", "*.txt"),
@@ -253,7 +257,7 @@ class TextFilesCorpus(TextCorpus):
             elif p.is_dir():
                 found.extend((f.relative_to(p).as_posix(), f) for f in sorted(p.rglob(self.glob)) if f.is_file())
             else:
-                raise FileNotFoundError(f"text corpus path '{p}' (from data.paths) does not exist")
+                raise DataError(f"text corpus path '{p}' (from data.paths) does not exist")
         return found
 
     def documents(self) -> tuple[Document, ...]:
@@ -261,7 +265,7 @@ class TextFilesCorpus(TextCorpus):
         key = tuple((name, str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for name, f in files)
         docs = _text_documents(key, self.doc_separator, self.encoding, self.errors)
         if not docs:
-            raise ValueError(f"{self.describe()} is empty: no text in its {len(files)} files matching '{self.glob}'")
+            raise DataError(f"{self.describe()} is empty: no text in its {len(files)} files matching '{self.glob}'")
         return docs
 
 
@@ -293,20 +297,20 @@ class TokenShardCorpus(Corpus):
         self.eot_id = int(eot_id)
         self.vocab_size = vocab_size
         if not self.path.is_dir():
-            raise FileNotFoundError(f"token shard folder '{self.path}' (from data.path) does not exist")
+            raise DataError(f"token shard folder '{self.path}' (from data.path) does not exist")
         self.train_files = find_shards(self.path, "train")
         self.val_files = find_shards(self.path, "val")
         if not self.train_files:
-            raise FileNotFoundError(f"no training shards (*train*.bin) in '{self.path}' (data.path)")
+            raise DataError(f"no training shards (*train*.bin) in '{self.path}' (data.path)")
 
     @classmethod
     def from_config(cls, cfg: Any) -> "TokenShardCorpus":
         path = config_value(cfg, "path", None)
         if path is None:
-            raise ValueError("the 'tokens' corpus needs the shard folder in data.path")
+            raise DataError("the 'tokens' corpus needs the shard folder in data.path")
         eot_id = config_value(cfg, "eot_id", None)
         if eot_id is None:
-            raise ValueError("the 'tokens' corpus needs data.eot_id, the id that ends each document")
+            raise DataError("the 'tokens' corpus needs data.eot_id, the id that ends each document")
         return cls(path, eot_id, config_value(cfg, "vocab_size", None))
 
     def _shards(self):
@@ -328,7 +332,7 @@ class TokenShardCorpus(Corpus):
             val = _docset(shards[n_train:])
             if val.n_tokens == 0:
                 empty = ", ".join(str(f) for f in self.val_files)
-                raise ValueError(f"the validation shards ({empty}) hold no tokens; write tokens into them, or remove "
+                raise DataError(f"the validation shards ({empty}) hold no tokens; write tokens into them, or remove "
                                  "them to hold out training documents instead (data.val_per_mille per thousand)")
             return train, val
         salts = np.concatenate([np.full(s.starts.size, _name_salt(s.path), np.int64) for s in shards[:n_train]])

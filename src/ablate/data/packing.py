@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ablate.data.tokenizer import IGNORE_INDEX, Tokenizer
+from ablate.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ class TrainLoader:
 
     def __init__(self, docs: DocSet, context: int, batch_size: int, seed: int, tokenizer: Tokenizer):
         if docs.n_docs == 0:
-            raise ValueError("the training split holds no documents")
+            raise DataError("the training split holds no documents")
         if context < 1 or batch_size < 1:
             raise ValueError(f"context ({context}) and batch_size ({batch_size}) must be positive")
         self.docs, self.context, self.batch_size = docs, context, batch_size

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ablate.errors import DataError
+
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
@@ -24,7 +26,7 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray | list[int]) -> Path
     """Write `tokens` (ids < 65536) as one shard; returns the path."""
     a = np.asarray(tokens)
     if a.size and (a.min() < 0 or a.max() > np.iinfo(np.uint16).max):
-        raise ValueError(f"token ids must lie in 0..65535 to be stored as uint16 (shard {path})")
+        raise DataError(f"token ids must lie in 0..65535 to be stored as uint16 (shard {path})")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (MAGIC, VERSION, a.size)
     path = Path(path)
@@ -38,20 +40,24 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray | list[int]) -> Path
 def open_shard(path: str | os.PathLike) -> np.memmap:
     """Check the header of a shard and map its tokens (read-only)."""
     path = Path(path)
-    size = path.stat().st_size
+    try:
+        with open(path, "rb"):  # readable at all (a shard of another user's, a dangling link)
+            size = path.stat().st_size
+    except OSError as err:
+        raise DataError(f"token shard {path} (from data.path) cannot be read: {err.strerror}") from None
     if size < HEADER_BYTES:
-        raise ValueError(f"token shard {path} is {size} bytes, shorter than its {HEADER_BYTES}-byte header")
+        raise DataError(f"token shard {path} is {size} bytes, shorter than its {HEADER_BYTES}-byte header")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header[0] != MAGIC:
-        raise ValueError(f"token shard {path} has magic {header[0]}, expected {MAGIC}")
+        raise DataError(f"token shard {path} has magic {header[0]}, expected {MAGIC}")
     if header[1] != VERSION:
-        raise ValueError(
+        raise DataError(
             f"token shard {path} has version {header[1]}; only version {VERSION} (uint16 tokens) is read"
         )
     n_tokens = int(header[2])
     expected = HEADER_BYTES + 2 * n_tokens
     if size != expected:
-        raise ValueError(
+        raise DataError(
             f"token shard {path} declares {n_tokens} tokens ({expected} bytes) but holds {size} bytes"
         )
     if n_tokens == 0:
@@ -62,7 +68,7 @@ def open_shard(path: str | os.PathLike) -> np.memmap:
 def check_vocab(max_token: int, vocab_size: int, source: str) -> None:
     """Raise if a token id does not fit the model's vocabulary."""
     if max_token >= vocab_size:
-        raise ValueError(
+        raise DataError(
             f"{source} holds token id {max_token}, which does not fit a vocabulary of size "
             f"{vocab_size}; raise the model's vocab size to at least {max_token + 1}"
         )
