@@ -8,7 +8,7 @@ import torch
 from conftest import runs_in, tiny_cfg
 
 from ablate.config import compose
-from ablate.experiment import build_run, run
+from ablate.experiment import ConfigError, build_run, run
 from ablate.models import LanguageModel, count_params
 from ablate.train.evaluate import standard_error
 
@@ -65,6 +65,11 @@ def test_a_flop_budget_sets_the_steps_and_is_spent_equally():
         assert abs(steps[attention] * per_step - 2e10) / 2e10 < 0.5
         built.trainer.batches.close()
     assert steps["mqa"] > steps["mha"]  # fewer FLOPs a step: more steps for the same budget
+
+
+def test_a_flop_budget_below_one_step_is_refused_naming_a_step_s_flops():
+    with pytest.raises(ConfigError, match=r"train\.flops=1000000\.0 is less than one training step \([0-9.e+]+ FLOPs"):
+        build_run(tiny_cfg("tracking=none", "train.flops=1e6"))
 
 
 def test_standard_error_of_the_token_weighted_mean():

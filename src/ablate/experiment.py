@@ -92,7 +92,11 @@ def steps_for_budget(budget: float, flops: FlopModel, data: Data, spec) -> int: 
     pairs = sum(attended_pairs(spec, b.doc_lens, *b.tokens.shape) for b in val)
     per_step = flops.flops(data.train.batch_size * data.train.context, data.train.batch_size * data.train.context
                            * pairs / max(tokens, 1))
-    return max(1, round(budget / per_step))
+    if budget < per_step / 2:
+        raise ConfigError(f"the configuration cannot run:\n  - train.flops={budget} is less than one training step "
+                          f"({per_step:.3g} FLOPs at this model, batch and context); raise train.flops, or set "
+                          "train.flops=null and train.steps")
+    return round(budget / per_step)
 
 
 def _overrides() -> str:
