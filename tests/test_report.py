@@ -190,6 +190,16 @@ def test_bad_input_exits_2_listing_what_exists(store, tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # refused before anything is written
 
 
+def test_a_store_that_is_missing_or_not_a_store_is_refused_and_left_alone(tmp_path, capsys):
+    missing = tmp_path / "typo" / "mlflow.db"
+    assert main(["--tracking-uri", f"sqlite:///{missing}"]) == 2
+    assert f"no MLflow store at {missing}" in (err := capsys.readouterr().err) and "--tracking-uri" in err, err
+    assert not missing.parent.exists()  # a report reads a store: it does not create one
+    (tmp_path / "notes.db").write_text("not a store\n")
+    assert main(["--tracking-uri", f"sqlite:///{tmp_path}/notes.db"]) == 2
+    assert "not a SQLite database" in capsys.readouterr().err
+
+
 def test_default_is_the_latest_sweep_of_any_experiment(store, tmp_path, capsys):
     assert main(["--tracking-uri", store["uri"], "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out

@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         from ablate.tracking.mlflow import resolve_uri
 
         uri = resolve_uri(compose())
+    problem = _store_problem(uri, writes=not args.no_log)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return USAGE_ERROR
     try:
         report = make_report(MlflowClient(uri), None if sweep in (None, "latest") else sweep,
                              experiment=args.experiment, out_dir=args.out, metric=args.metric,
@@ -54,3 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     print(report.selection.describe(), "", report.cells_md, "", f"baseline: {report.baseline}", report.ranking_md,
           "", report.noise.statement(), *report.notes, f"report: {report.folder}", sep="\n")
     return 0
+
+
+def _store_problem(uri: str, writes: bool) -> str | None:
+    """Why `uri` is not a store to report on: a report reads runs, so a missing sqlite file is an error
+    (opening it would create an empty store); one that logs the report to the sweep's parent run also
+    needs what a run needs of its store (`check_store`: a writable MLflow store)."""
+    from ablate.tracking.store import check_store, sqlite_path
+
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        return (f"no MLflow store at {db} ({uri}); pass the store the runs were logged to with --tracking-uri, "
+                "or run `python run.py -m ...` first")
+    problems = check_store(uri) if writes else []
+    return "; ".join(problems) if problems else None
+
