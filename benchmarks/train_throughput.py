@@ -244,6 +244,9 @@ def profile(cell: Cell, steps: int) -> tuple[dict[str, float], list[tuple[str, f
     return out, sorted(kernels, key=lambda kv: -kv[1])[:10]
 
 
+CELLS = ("a", "b", "c", "e", "a4", "d")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/train_throughput.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -258,8 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test of the script itself (with --shape tiny)")
     parser.add_argument("--shape", default="gpt2", choices=sorted(SHAPES))
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
     wanted = args.cells.split(",")
+    unknown = [name for name in wanted if name not in CELLS]
+    if unknown:
+        parser.error(f"--cells: unknown cell(s) {', '.join(unknown)}; choose from {', '.join(CELLS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible; on CPU, --device cpu --shape tiny smoke-tests the script")
+    device = torch.device(args.device)
     tmp = Path(tempfile.mkdtemp(prefix="ablate-bench-"))
     b1, b4 = args.batch, max(1, args.batch // 4)
     c1, c4 = args.context, 4 * args.context
