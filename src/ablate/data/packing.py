@@ -68,10 +68,6 @@ class PackedBatch:
     n_pad: int  # padding tokens in the batch
     target_bytes: int | None  # bytes covered by the non-ignored targets, None if unknown
 
-    def to(self, device: Any, non_blocking: bool = True) -> "PackedBatch":
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return replace(self, tokens=move(self.tokens), targets=move(self.targets), positions=move(self.positions))
-
     @property
     def n_targets(self) -> int:
         return int((self.targets != IGNORE_INDEX).sum())

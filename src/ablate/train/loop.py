@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import signal
 import threading
-import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
