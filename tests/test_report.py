@@ -200,6 +200,29 @@ def test_a_store_that_is_missing_or_not_a_store_is_refused_and_left_alone(tmp_pa
     assert "not a SQLite database" in capsys.readouterr().err
 
 
+def test_a_seed_run_twice_counts_once_with_its_latest_run(store, tmp_path, capsys):
+    """Runs of one cell and seed are repeats, not independent samples: counting them would shrink the
+    seed spread and the intervals. The latest finished one counts, and the report says so."""
+    client = store["client"]
+    exp = client.create_experiment("repeats")
+    parent = client.create_run(exp, start_time=1_500_000, tags={"ablate.sweep": "attention=mha,gqa"}).info.run_id
+    losses = {("mha", 0): [2.0, 2.4], ("mha", 1): [2.1], ("gqa", 0): [1.9], ("gqa", 1): [2.0]}
+    start, latest = 1_500_100, {}  # older than the other sweeps: "the latest sweep" stays theirs
+    for (cell, seed), values in losses.items():
+        for value in values:
+            start += 100
+            latest[cell, seed] = add_run(client, exp, parent, start, {"attention.name": cell, "seed": seed},
+                                         [("val/loss", value, 300)])
+    assert main(["--tracking-uri", store["uri"], parent, "--out", str(tmp_path / "r"), "--no-log"]) == 0
+    out = capsys.readouterr().out
+    assert f"seed 0 ran 2 times in the cell attention=mha; its latest run ({latest['mha', 0]}) counts" in out, out
+    ranking = pd.read_csv(tmp_path / "r" / "ranking.csv", index_col="cell")
+    assert ranking.loc["attention=mha", "n"] == 2 and ranking.loc["attention=mha", "mean"] == pytest.approx(2.25)
+    assert ranking.loc["attention=gqa", "test"] == "paired, 2 seeds"
+    assert ranking.loc["attention=gqa", "diff"] == pytest.approx(statistics.fmean([1.9 - 2.4, 2.0 - 2.1]))
+    assert "seed 0 ran 2 times in the cell attention=mha" in (tmp_path / "r" / "report.md").read_text()
+
+
 def test_default_is_the_latest_sweep_of_any_experiment(store, tmp_path, capsys):
     assert main(["--tracking-uri", store["uri"], "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
@@ -217,5 +240,7 @@ def test_every_run_of_an_experiment_is_not_logged_anywhere(store, tmp_path, caps
     assert cells.loc["attention=mha", "runs"] == 4  # both sweeps' runs
     ranked = pd.read_csv(tmp_path / "r" / "ranking.csv", index_col="cell")
     assert ranked.loc["attention=gqa", "verdict"] == "baseline"
-    assert ranked.loc["attention=mha", "test"].startswith("Welch")  # seed 0 twice in mha: no pairing
+    # seed 0 twice in mha (the old sweep's run and this one's): the later counts, so the cells still pair
+    assert cells.loc["attention=mha", "repeats"] == 1 and ranked.loc["attention=mha", "n"] == 3
+    assert ranked.loc["attention=mha", "test"] == "paired, 3 seeds"
     assert not store["client"].list_artifacts(store["old"])

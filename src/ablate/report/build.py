@@ -59,6 +59,7 @@ def make_report(client: Any, parent_run_id: str | None, experiment: str | None =
     ranked.to_csv(folder / "ranking.csv")
     plots = write_plots(folder, sweep, table, partial(history, client))
     report = Report(folder, selection, cells_md, ranking_md, base, noise(sweep))
+    report.notes += [f"note: {repeat}" for repeat in sweep.repeats()]
     parent = selection.parent
     if parent is not None and log_to_parent:
         where = f"logged as artifacts of the sweep's parent run {parent.info.run_id} under {ARTIFACT_DIR}/"
@@ -96,7 +97,8 @@ def document(report: Report, sweep: Any, metric: str, why: str, gaps: dict[str, 
         "",
         f"- store: `{uri}`",
         f"- {report.selection.describe()}",
-        f"- runs: {len(runs)} ({status_text}); statistics use the finished runs",
+        f"- runs: {len(runs)} ({status_text}); statistics use the finished runs, one per cell and seed",
+        *(f"- {repeat}" for repeat in sweep.repeats()),
         f"- cells: {len(sweep.cells)}, told apart by {', '.join(map(short, sweep.varied)) or '(nothing)'} "
         f"(not by {ignored})",
         f"- seeds: {', '.join(map(str, seeds))}",

@@ -39,7 +39,7 @@ def loss_vs_step(path: Path, sweep: Sweep, cells: list[str], history: History) -
     fig, ax = _figure()
     drawn = False
     for cell in cells:
-        runs = sweep.runs.index[(sweep.runs.cell == cell) & sweep.runs.finished]
+        runs = sweep.runs.index[(sweep.runs.cell == cell) & sweep.runs.counted]
         series = [h for h in (history(r, "val/loss") for r in runs) if h[0]]
         if not series:
             continue

@@ -1,5 +1,6 @@
 """Runs → cells → tables. A cell is the runs that differ only by seed; it reports mean ± 95% t-interval
-over its finished runs. The ranking compares each cell with a baseline cell: paired per seed when both
+over its finished runs, one per seed (a seed that ran twice, say in two sweeps read with `--sweep all`, counts
+its latest run once: repeats are not independent samples). The ranking compares each cell with a baseline cell: paired per seed when both
 cells hold the same seeds (the same seed gives every cell the same data order and validation documents),
 else Welch's interval.
 """
@@ -33,16 +34,16 @@ UNSET = "(unset)"
 class Sweep:
     """The selected runs as frames indexed by run id."""
 
-    runs: pd.DataFrame  # status, finished, seed, cell, the varied params, the extrapolation tag
+    runs: pd.DataFrame  # status, finished, counted, seed, cell, the varied params, the extrapolation tag
     metrics: pd.DataFrame  # one column per metric (its last value), NaN where a run lacks it
     varied: list[str]  # the params that tell cells apart
     cells: list[str]  # cell labels, in the order of each cell's first run
 
     def values(self, cell: str, metric: str) -> dict[str, list[float]]:
-        """The finished runs' values of `metric` in `cell`, by seed."""
+        """The counted runs' values of `metric` in `cell`, by seed."""
         if metric not in self.metrics:
             return {}
-        rows = self.runs[(self.runs.cell == cell) & self.runs.finished]
+        rows = self.runs[(self.runs.cell == cell) & self.runs.counted]
         out: dict[str, list[float]] = {}
         for run_id, seed in rows.seed.items():
             value = self.metrics.at[run_id, metric]
@@ -52,6 +53,19 @@ class Sweep:
 
     def flat(self, cell: str, metric: str) -> list[float]:
         return [v for vals in self.values(cell, metric).values() for v in vals]
+
+    def repeats(self) -> list[str]:
+        """A sentence for each seed of a cell that finished more than once: only its latest run counts
+        (repeats of one seed are not independent samples; counting them would shrink the intervals)."""
+        done = self.runs[self.runs.finished & (self.runs.seed != UNSET)]
+        out = []
+        for (cell, seed), rows in done.groupby(["cell", "seed"], sort=False):
+            if len(rows) > 1:
+                kept = rows.index[rows.counted][0]
+                others = ", ".join(i for i in rows.index if i != kept)
+                out.append(f"seed {seed} ran {len(rows)} times in the cell {cell}; its latest run ({kept}) counts, "
+                           f"not {others}")
+        return out
 
     def params(self) -> pd.DataFrame:
         """The varied params of each cell (index: the cell label)."""
@@ -81,6 +95,11 @@ def frame(runs: list[Any]) -> Sweep:
         EXTRAPOLATION_TAG: [r.data.tags.get(EXTRAPOLATION_TAG, "") for r in runs],
     }, index=ids)
     table["finished"] = table.status == "FINISHED"
+    # one run per cell and seed enters the statistics: the latest finished one
+    start = pd.Series([r.info.start_time or 0 for r in runs], index=ids)
+    latest_first = table[table.finished].assign(start=start).sort_values("start", ascending=False, kind="stable")
+    repeat = latest_first.duplicated(["cell", "seed"]) & (latest_first.seed != UNSET)
+    table["counted"] = table.finished & ~table.index.isin(repeat.index[repeat])
     table = table.join(params[varied])
     metrics = pd.DataFrame([r.data.metrics for r in runs], index=ids, dtype=float)
     return Sweep(table, metrics, varied, list(dict.fromkeys(table.cell)))
@@ -111,8 +130,10 @@ def cell_table(sweep: Sweep, metrics: list[str], sort_metric: str) -> pd.DataFra
     """One row per cell (index: its label): varied params, run counts, `<m> mean|ci95|n` per metric,
     best cell first by `sort_metric`."""
     by_cell = sweep.runs.groupby("cell", sort=False)
-    counts = pd.DataFrame({"runs": by_cell.size(), "not finished": by_cell.finished.apply(lambda f: int((~f).sum()))})
-    finished = sweep.runs.index[sweep.runs.finished]
+    counts = pd.DataFrame({"runs": by_cell.size(), "not finished": by_cell.finished.apply(lambda f: int((~f).sum())),
+                           "repeats": (sweep.runs.finished & ~sweep.runs.counted).groupby(sweep.runs.cell, sort=False)
+                           .sum().astype(int)})
+    finished = sweep.runs.index[sweep.runs.counted]
     stats = (sweep.metrics.loc[finished, metrics].groupby(sweep.runs.loc[finished, "cell"], sort=False)
              .agg(["mean", _half, "count"]))
     stats.columns = [f"{m} {'ci95' if s == '_half' else 'n' if s == 'count' else s}" for m, s in stats.columns]
@@ -138,8 +159,9 @@ def fmt(mean: float, half: float = math.nan) -> str:
 def format_cells(table: pd.DataFrame, metrics: list[str], varied: list[str]) -> pd.DataFrame:
     """The cell table as text: 'mean ± half' per metric, '(n=k)' when fewer finished runs logged it."""
     out = table[varied].rename(columns=short) if varied else pd.DataFrame({"cell": table.index}, index=table.index)
-    out["runs"] = [f"{r}" + (f" ({nf} not finished)" if nf else "") for r, nf in zip(table.runs, table["not finished"])]
-    done = table.runs - table["not finished"]
+    out["runs"] = [f"{r}" + "".join(f" ({k} {what})" for k, what in ((nf, "not finished"), (rep, "repeated seeds")) if k)
+                   for r, nf, rep in zip(table.runs, table["not finished"], table.repeats)]
+    done = table.runs - table["not finished"] - table.repeats
     for m in metrics:
         n = table[f"{m} n"]
         text = [fmt(a, b) for a, b in zip(table[f"{m} mean"], table[f"{m} ci95"])]
@@ -249,7 +271,7 @@ class Noise:
 
 def noise(sweep: Sweep) -> Noise:
     spreads = [statistics.stdev(v) for c in sweep.cells if len(v := sweep.flat(c, "val/loss")) >= 2]
-    done = sweep.runs.index[sweep.runs.finished]
+    done = sweep.runs.index[sweep.runs.counted]
     se = sweep.metrics.loc[done, "val/loss_se"].dropna() if "val/loss_se" in sweep.metrics else pd.Series([])
     return Noise(statistics.fmean(spreads) if spreads else math.nan, len(spreads),
                  float(se.mean()) if len(se) else math.nan, len(se))
