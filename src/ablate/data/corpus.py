@@ -21,9 +21,9 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ablate.data.packing import DocSet
-from ablate.errors import DataError
 from ablate.data.shards import check_vocab, find_shards, shard_documents
 from ablate.data.tokenizer import ByteTokenizer, PretokenizedTokenizer, Tokenizer
+from ablate.errors import DataError
 from ablate.registry import Registry
 
 CORPORA: Registry = Registry("data")
@@ -333,7 +333,7 @@ class TokenShardCorpus(Corpus):
             if val.n_tokens == 0:
                 empty = ", ".join(str(f) for f in self.val_files)
                 raise DataError(f"the validation shards ({empty}) hold no tokens; write tokens into them, or remove "
-                                 "them to hold out training documents instead (data.val_per_mille per thousand)")
+                                "them to hold out training documents instead (data.val_per_mille per thousand)")
             return train, val
         salts = np.concatenate([np.full(s.starts.size, _name_salt(s.path), np.int64) for s in shards[:n_train]])
         index = np.concatenate([np.arange(s.starts.size) for s in shards[:n_train]])
