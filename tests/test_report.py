@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from ablate.report import build_report, main
 from ablate.report.plots import curve_band
 from ablate.report.stats import t_quantile
-from ablate.report.tables import length_multiple
+from ablate.report.tables import Noise, length_multiple
 from ablate.tracking.mlflow import PARENT_TAG
 
 T975 = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 9: 2.262157, 29: 2.045230}  # printed t tables
@@ -221,6 +221,20 @@ def test_a_seed_run_twice_counts_once_with_its_latest_run(store, tmp_path, capsy
     assert ranking.loc["attention=gqa", "test"] == "paired, 2 seeds"
     assert ranking.loc["attention=gqa", "diff"] == pytest.approx(statistics.fmean([1.9 - 2.4, 2.0 - 2.1]))
     assert "seed 0 ran 2 times in the cell attention=mha" in (tmp_path / "r" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("fraction,advice,not_advice", [
+    (1.0, "hold out more documents (data.val_per_mille)", "data.max_val_batches"),
+    (0.93, "even all the held-out tokens (the runs evaluated 93%) would leave it near 0.0039", "max_val_batches"),
+    (0.01, "evaluated 1% of the held-out tokens; evaluate more of the held-out documents (data.max_val_batches)",
+     "data.val_per_mille"),
+])
+def test_the_noise_advice_is_the_one_that_can_bring_the_validation_error_under_the_seed_spread(
+        fraction, advice, not_advice):
+    text = Noise(seed_sd=0.0026, n_cells=4, val_se=0.0040, n_runs=12, val_fraction=fraction).statement()
+    assert "comparable to the seed spread" in text and advice in text and not_advice not in text, text
+    quiet = Noise(seed_sd=0.03, n_cells=4, val_se=0.004, n_runs=12, val_fraction=fraction).statement()
+    assert "the noise comes from training" in quiet and advice not in quiet
 
 
 def test_default_is_the_latest_sweep_of_any_experiment(store, tmp_path, capsys):

@@ -27,6 +27,9 @@ def test_extrapolation_is_measured_where_a_scheme_can_place_the_positions(store)
     assert {"val/loss", "val/loss_2x", "val/loss_4x", "val/loss_se", "val/loss_best"} <= set(rope.data.metrics)
     assert all(math.isfinite(rope.data.metrics[k]) for k in ("val/loss_2x", "val/loss_4x"))
     assert "samples.txt" in {a.path for a in client.list_artifacts(rope.info.run_id)}
+    # what the validation covered: data.max_val_batches=2 (4 rows of 64) evaluates a part of the held-out split
+    m = rope.data.metrics
+    assert m["data/val_docs"] >= 1 and 0 < m["data/val_tokens_evaluated"] <= 2 * 4 * 64 < m["data/val_tokens"]
     _, learned = _run(store, "learned", "pos=learned", "eval.context_multiples=[1,2,4]")
     assert "val/loss_2x" not in learned.data.metrics and "val/loss" in learned.data.metrics
     assert "not applicable at 2x, 4x" in learned.data.tags["ablate.extrapolation"]

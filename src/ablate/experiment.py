@@ -157,8 +157,12 @@ def _run(cfg: DictConfig, the_plan: Plan, dist: Dist) -> float:
             tracker.log_metrics({"model/n_params": n_params,
                                  "model/n_params_non_embedding": count_params(model, non_embedding=True)}, step=0)
         result = trainer.fit()
-        tracker.log_metrics({"data/padding_frac": built.data.padding_frac("train"),
-                             "data/val_padding_frac": built.data.padding_frac("val"),
+        data = built.data
+        evaluated = sum(b.tokens.numel() - b.n_pad for b in data.val_batches())  # max_val_batches may stop short
+        tracker.log_metrics({"data/padding_frac": data.padding_frac("train"),
+                             "data/val_padding_frac": data.padding_frac("val"),
+                             "data/val_docs": data.stats["n_val_docs"], "data/val_tokens": data.stats["val_tokens"],
+                             "data/val_tokens_evaluated": evaluated,
                              "model/flops_per_token": trainer.meter.flops_per_token()}, step=trainer.state.step)
         if dist.is_main and cfg.eval.samples:
             with trainer.autocast():  # the precision the model trained in (the kernels' dtype)

@@ -253,6 +253,7 @@ class Noise:
     n_cells: int  # cells with two or more finished seeds
     val_se: float  # mean of the runs' val/loss_se: the validation set's own sampling error
     n_runs: int
+    val_fraction: float | None = None  # the smallest share of its held-out tokens a run evaluated (None: not logged)
 
     def statement(self) -> str:
         if self.n_cells == 0:
@@ -265,13 +266,29 @@ class Noise:
         if self.val_se * 3 <= self.seed_sd:
             return text + (f"The seeds vary {self.seed_sd / self.val_se:.0f}x more than the validation set can: "
                            "the noise comes from training, not from the validation sample.")
-        return text + ("The validation sampling error is comparable to the seed spread: a larger validation "
-                       "set (data.max_val_batches) would tighten the intervals.")
+        text += "The validation sampling error is comparable to the seed spread: "
+        if self.val_fraction is None:
+            return text + ("evaluate more held-out documents (data.max_val_batches, else data.val_per_mille) to "
+                           "tighten the intervals.")
+        # the error shrinks about as 1/sqrt(tokens evaluated): what evaluating the whole held-out split gives
+        best = self.val_se * math.sqrt(self.val_fraction)
+        if best * 3 <= self.seed_sd:
+            return text + (f"the runs evaluated {self.val_fraction:.0%} of the held-out tokens; evaluate more of "
+                           f"the held-out documents (data.max_val_batches) to tighten the intervals (all of them: "
+                           f"about {best:.2g}).")
+        return text + (f"even all the held-out tokens (the runs evaluated {self.val_fraction:.0%}) would leave it "
+                       f"near {best:.2g}, so hold out more documents (data.val_per_mille) or train on a larger "
+                       "corpus to tighten the intervals.")
 
 
 def noise(sweep: Sweep) -> Noise:
     spreads = [statistics.stdev(v) for c in sweep.cells if len(v := sweep.flat(c, "val/loss")) >= 2]
     done = sweep.runs.index[sweep.runs.counted]
     se = sweep.metrics.loc[done, "val/loss_se"].dropna() if "val/loss_se" in sweep.metrics else pd.Series([])
+    fraction = None
+    if {"data/val_tokens", "data/val_tokens_evaluated"} <= set(sweep.metrics):
+        read = sweep.metrics.loc[done, ["data/val_tokens", "data/val_tokens_evaluated"]].dropna()
+        if len(read):
+            fraction = float((read["data/val_tokens_evaluated"] / read["data/val_tokens"]).clip(upper=1).min())
     return Noise(statistics.fmean(spreads) if spreads else math.nan, len(spreads),
-                 float(se.mean()) if len(se) else math.nan, len(se))
+                 float(se.mean()) if len(se) else math.nan, len(se), fraction)
