@@ -2,10 +2,12 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
 from ablate.config import compose, project_root
+from ablate.validate import ConfigError, plan
 
 CONF = project_root() / "conf"
 GROUPS = ["attention", "pos", "mlp", "norm", "model", "data", "backend", "train", "tracking"]
@@ -36,6 +38,16 @@ def test_named_experiments_compose_with_their_sweep(experiment):
     cfg = compose([f"+experiment={experiment}"], return_hydra_config=True)
     assert cfg.tracking.experiment == experiment.removesuffix("_gpu")  # a GPU-sized variant logs beside its CPU one
     assert cfg.hydra.sweeper.params
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (project_root() / "experiments").glob("*_gpu.yaml")))
+def test_a_gpu_sized_experiment_asks_for_the_gpu_and_is_refused_without_one(experiment):
+    """A GPU-sized sweep on a machine without a GPU would train on the CPU for hours: it is refused at once."""
+    cfg = compose([f"+experiment={experiment}"])
+    assert cfg.device == "cuda"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device=cuda but no CUDA GPU is visible"):
+            plan(cfg)
 
 
 def test_typo_key_is_refused_naming_the_key():

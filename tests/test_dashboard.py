@@ -160,7 +160,8 @@ def test_the_experiment_gets_a_saved_view_of_the_key_columns_once(store):
     assert client.get_experiment(experiment_id).tags[VIEW_TAG + "ablate-runs"] == "edited"
 
 
-def test_the_sweep_parent_is_named_holds_the_overrides_and_survives_a_failed_report(store, tmp_path, capsys):
+def test_the_sweep_parent_is_named_holds_the_overrides_and_survives_a_failed_report(store, tmp_path, capsys,
+                                                                                     monkeypatch):
     uri, client = store
     cfg = compose([f"tracking.uri={uri}", "tracking.experiment=dash-sweep", f"hydra.sweep.dir={tmp_path}/sweep",
                    f"paths.output_dir={tmp_path}/out"], return_hydra_config=True)
@@ -177,8 +178,16 @@ def test_the_sweep_parent_is_named_holds_the_overrides_and_survives_a_failed_rep
     state = json.loads(json.loads(tags[VIEW_TAG + parent.view])["state"])
     assert {"params.`attention.name`", "params.`pos.name`", "params.`seed`"} <= set(state["selectedColumns"])
     assert parent.tracker.run_id in state["searchFilter"]
-    parent.on_multirun_end(cfg)  # no child ran: the report cannot be built, the sweep still ends
-    assert "the sweep's report could not be built" in capsys.readouterr().err
+    import ablate.report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the disk is full")
+
+    monkeypatch.setattr(ablate.report, "build_report", broken)
+    parent._report()  # a report that fails is said, not raised: the sweep's runs are complete without it
+    assert "the sweep's report could not be built (RuntimeError: the disk is full)" in capsys.readouterr().err
+    parent.on_multirun_end(cfg)  # no child ran (every job refused): nothing to report, the sweep ends FAILED
+    assert "report" not in capsys.readouterr().err
     assert client.get_run(parent.tracker.run_id).info.status == "FAILED"
 
 

@@ -107,7 +107,8 @@ class SweepParentRun(Callback):
             f"{len(children)} runs"
         self.tracker.set_tags({NOTE_TAG: f"{runs}, {len(failed)} not finished; the report: `report/report.md` in the "
                                          "artifacts."})
-        self._report()
+        if children:  # a sweep whose every job was refused has nothing to report
+            self._report()
         self.tracker.finish("FAILED" if failed or not children else "FINISHED")
 
     def _report(self) -> None:
