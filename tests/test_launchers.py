@@ -1,8 +1,10 @@
 """Sweeps beyond one process: one GPU per job on one host (hydra/launcher=gpus), and Slurm jobs
 (hydra/launcher=slurm), checked without GPUs or a cluster."""
+import contextlib
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import FORKED
@@ -135,3 +137,54 @@ def test_slurm_job_script_asks_for_the_configured_resources(tmp_path, monkeypatc
                  "#SBATCH --ntasks-per-node=4", "#SBATCH --cpus-per-task=8", "#SBATCH --time=90", "#SBATCH --nodes=1"):
         assert line in script, script
     assert "source .venv/bin/activate" in script
+
+
+def _wait(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (found := predicate()):
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"waited {timeout} s for {what}")
+
+
+@pytest.mark.slow
+def test_a_worker_job_stops_when_its_sweep_process_is_killed(tmp_path, store):
+    """kill -9 of `python run.py -m` (a launcher with worker processes) must not leave its jobs training
+    unseen: each notices its launcher is gone, checkpoints and ends its run KILLED."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import TINY, runs_in
+
+    from ablate.config import project_root
+
+    args = [sys.executable, "run.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY,
+            "train.steps=100000", "train.checkpoint_every=20", "train.eval_every=1000", "device=cpu", "seed=0,1",
+            f"tracking.uri={store}", f"hydra.sweep.dir={tmp_path}/sweep", f"paths.output_dir={tmp_path}/out"]
+    sweep = subprocess.Popen(args, cwd=project_root(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        def training():
+            runs = [r for r in runs_in(store)[1] if "mlflow.parentRunId" in r.data.tags]
+            return [r for r in runs if "train/loss" in r.data.metrics]
+
+        job = _wait(training, 120, "a job to train")[0]
+        worker = int(job.data.tags["ablate.pid"])
+        assert worker != sweep.pid  # the job runs in a worker process of the launcher
+        os.kill(sweep.pid, signal.SIGKILL)
+        sweep.wait()
+
+        def ended():
+            run = runs_in(store)[0].get_run(job.info.run_id)
+            return run if run.info.status != "RUNNING" else None
+
+        run = _wait(ended, 30, "the orphaned job to end its run")
+        assert run.info.status == "KILLED"
+        assert "launcher" in run.data.tags.get("ablate.end_reason", "") + run.data.tags.get("ablate.error", ""), \
+            run.data.tags
+        assert (Path(tmp_path) / "out").exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sweep.pid, signal.SIGKILL)  # the session: the launcher and its workers

@@ -7,8 +7,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -20,7 +24,7 @@ from ablate.models import LanguageModel, count_params, matmul_params
 from ablate.tracking.dashboard import significant
 from ablate.tracking.mlflow import PARENT_TAG, Tracker, git_commit, open_tracker, run_params
 from ablate.tracking.naming import job_command, job_run_name
-from ablate.tracking.sweep import parent_run_id
+from ablate.tracking.sweep import launcher_pid, parent_run_id
 from ablate.train import checkpoint, distributed, resume
 from ablate.train.distributed import SINGLE, Dist
 from ablate.train.loop import Trainer
@@ -99,6 +103,31 @@ def steps_for_budget(budget: float, flops: FlopModel, data: Data, spec) -> int: 
     return round(budget / per_step)
 
 
+@contextmanager
+def stop_when_launcher_dies(trainer: Trainer, poll_s: float = 1.0) -> Iterator[None]:
+    """In a worker process of a sweep (a joblib launcher), stop training when `python run.py -m` is gone
+    (killed, or its terminal closed): the job checkpoints and ends its run KILLED instead of training on
+    unseen, its results sent to nobody."""
+    pid = launcher_pid()
+    if pid is None:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(poll_s):
+            if os.getppid() != pid:  # a dead parent's children are handed to another process
+                trainer.request_stop(f"the sweep's launcher (pid {pid}) is gone")
+                return
+
+    thread = threading.Thread(target=watch, name="ablate-launcher-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
 def _overrides() -> str:
     from hydra.core.hydra_config import HydraConfig
 
@@ -156,7 +185,8 @@ def _run(cfg: DictConfig, the_plan: Plan, dist: Dist) -> float:
             tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             tracker.log_metrics({"model/n_params": n_params,
                                  "model/n_params_non_embedding": count_params(model, non_embedding=True)}, step=0)
-        result = trainer.fit()
+        with stop_when_launcher_dies(trainer):
+            result = trainer.fit()
         data = built.data
         evaluated = sum(b.tokens.numel() - b.n_pad for b in data.val_batches())  # max_val_batches may stop short
         tracker.log_metrics({"data/padding_frac": data.padding_frac("train"),

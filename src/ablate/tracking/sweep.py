@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from ablate.tracking.naming import command, sweep_axes, sweep_name, sweep_values
 from ablate.tracking.mlflow import PARENT_TAG
 
 PARENT_FILE = "parent_run_id"
+LAUNCHER_FILE = "launcher_pid"  # the pid of `python run.py -m`: its worker processes stop when it is gone
 
 
 def parent_run_id() -> str | None:
@@ -43,6 +45,22 @@ def parent_run_id() -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
+def launcher_pid() -> int | None:
+    """The pid of the sweep process when this multirun job runs in a worker process it started (a joblib
+    launcher), else None: jobs of the basic launcher run inside it, Slurm's under slurmstepd."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    path = Path(HydraConfig.get().sweep.dir) / LAUNCHER_FILE
+    try:
+        pid = int(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if pid == os.getppid() != os.getpid() else None
+
+
 class SweepParentRun(Callback):
     def __init__(self) -> None:
         self.tracker: Any = None
@@ -50,6 +68,9 @@ class SweepParentRun(Callback):
         self.report_dir: Path | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / LAUNCHER_FILE).write_text(str(os.getpid()))
         if config.tracking.name == "none":
             return
         from ablate.tracking.mlflow import open_tracker, resolve_uri
@@ -65,7 +86,6 @@ class SweepParentRun(Callback):
         name = sweep_name(config.hydra.runtime.choices.get("experiment") or "sweep", axes)
         tags = {"ablate.sweep": " ".join(overrides) or "(defaults)", "ablate.sweep_axes": ",".join(axes),
                 "ablate.command": command(overrides, multirun=True)}
-        sweep_dir = Path(config.hydra.sweep.dir)
         try:
             self.tracker = open_tracker(config, run_name=name, tags=tags, job=False)
             self.tracker.log_params({f"sweep.{k}": v for k, v in sweep_values(overrides, params).items()})

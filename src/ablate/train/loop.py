@@ -153,6 +153,10 @@ class Trainer:
             checkpoint.save(self.checkpoint_dir / "last.pt", payload, final=final)
         self.dist.barrier()
 
+    def request_stop(self, reason: str) -> None:
+        """Stop after the current step: checkpoint, then `Interrupted` (safe from a signal handler or a thread)."""
+        self._signal = reason
+
     @contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
         """SIGTERM/SIGINT finish the current step, then stop the loop (see `Interrupted`)."""
@@ -161,7 +165,7 @@ class Trainer:
             return
 
         def request_stop(signum, frame):  # noqa: ANN001
-            self._signal = signal.Signals(signum).name
+            self.request_stop(signal.Signals(signum).name)
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
