@@ -84,14 +84,17 @@ def probes(tmp: Path) -> list[Probe]:
         Probe("tracking store is a folder", [f"tracking.uri=sqlite:///{tmp}/a_folder"], ["a_folder", "folder"]),
         Probe("file: store URI", [f"tracking.uri=file://{tmp}/mlruns"], ["tracking.uri", "sqlite:///"]),
         Probe("plain folder store", [f"tracking.uri={tmp}/mlruns"], ["tracking.uri", "sqlite:///"]),
-        Probe("read-only store file", [f"tracking.uri=sqlite:///{tmp}/readonly.db"], ["readonly.db", "read-only"], permissions=True),
+        Probe("read-only store file", [f"tracking.uri=sqlite:///{tmp}/readonly.db"], ["readonly.db", "read-only"],
+              permissions=True),
         Probe("store in an unwritable folder", [f"tracking.uri=sqlite:///{tmp}/locked/mlflow.db"],
               ["locked", "writable"], permissions=True),
-        Probe("unwritable output folder", [f"paths.output_dir={tmp}/locked/out"], ["locked", "writable"], permissions=True),
+        Probe("unwritable output folder", [f"paths.output_dir={tmp}/locked/out"], ["locked", "writable"],
+              permissions=True),
         Probe("missing text file", ["data=text", f"data.paths=[{tmp}/missing.txt]"], ["missing.txt"]),
         Probe("Latin-1 text", text, ["latin1.txt", "utf-8", "data.encoding"]),
         Probe("binary file", ["data=text", f"data.paths=[{tmp}/binary.txt]"], ["binary.txt", "utf-8"]),
-        Probe("empty validation shard", ["data=tokens", f"data.path={tmp}/shards"], ["val_000.bin", "data.val_per_mille"]),
+        Probe("empty validation shard", ["data=tokens", f"data.path={tmp}/shards"],
+              ["val_000.bin", "data.val_per_mille"]),
         Probe("unknown text encoding", [*text, "data.encoding=klingon"], ["data.encoding", "klingon"]),
         Probe("unknown decoding error handler", [*text, "data.errors=shout"], ["data.errors", "shout"]),
         Probe("text corpus without files", ["data=text"], ["data.paths"]),
@@ -149,7 +152,8 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ablate-refusals-") as name:
         tmp = Path(name)
-        seed = subprocess.run([sys.executable, "run.py", *TINY, "train.steps=2", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+        seed = subprocess.run([sys.executable, "run.py", *TINY, "train.steps=2",
+                               f"tracking.uri=sqlite:///{tmp}/mlflow.db",
                                f"paths.output_dir={tmp}/seed-run"], cwd=ROOT, capture_output=True, text=True)
         if seed.returncode != 0:
             print(seed.stderr[-2000:])
@@ -166,7 +170,8 @@ def main() -> int:
     width = max(len(p.name) for p in cases)
     print(f"{'probe':<{width}}  {'seconds':>7}  outcome / message")
     for probe, (outcome, seconds, message) in zip(cases, results):
-        print(f"{probe.name:<{width}}  {seconds:7.1f}  {outcome}" + (f"\n{'':<{width}}           {message}" if message else ""))
+        detail = f"\n{'':<{width}}           {message}" if message else ""
+        print(f"{probe.name:<{width}}  {seconds:7.1f}  {outcome}{detail}")
     clean = sum(outcome == "refused cleanly" for outcome, _, _ in results)
     print(f"\n{clean}/{len(cases)} refused cleanly (exit 2, no traceback, the key or file named, the store unchanged)")
     return 0 if clean == len(cases) else 1

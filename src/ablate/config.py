@@ -24,7 +24,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 
 def num(gt: float | None = None, ge: float | None = None, lt: float | None = None, le: float | None = None) -> Any:
-    """A numeric field whose value (from YAML) must lie in the given range."""
+    """A numeric field (or a list of numbers, each checked) whose value from YAML must lie in the given range."""
     return field(default=MISSING, metadata={"range": (gt, ge, lt, le)})
 
 
@@ -151,7 +151,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    context_multiples: list[int] = field(default=MISSING, metadata={"range": (None, 1, None, None)})  # each >= 1
+    context_multiples: list[int] = num(ge=1)  # each item
     samples: int = num(ge=0)  # continuations of held-out prompts written to samples.txt at the end
     sample_tokens: int = num(ge=1)
 

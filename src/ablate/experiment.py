@@ -92,7 +92,7 @@ def steps_for_budget(budget: float, flops: FlopModel, data: Data, spec) -> int: 
     from ablate.kernels import attended_pairs
 
     val = data.val_batches()
-    tokens = sum(b.tokens.numel() - b.n_pad for b in val)
+    tokens = sum(b.n_tokens for b in val)
     pairs = sum(attended_pairs(spec, b.doc_lens, *b.tokens.shape) for b in val)
     per_step = flops.flops(data.train.batch_size * data.train.context, data.train.batch_size * data.train.context
                            * pairs / max(tokens, 1))
@@ -188,11 +188,10 @@ def _run(cfg: DictConfig, the_plan: Plan, dist: Dist) -> float:
         with stop_when_launcher_dies(trainer):
             result = trainer.fit()
         data = built.data
-        evaluated = sum(b.tokens.numel() - b.n_pad for b in data.val_batches())  # max_val_batches may stop short
         tracker.log_metrics({"data/padding_frac": data.padding_frac("train"),
                              "data/val_padding_frac": data.padding_frac("val"),
                              "data/val_docs": data.stats["n_val_docs"], "data/val_tokens": data.stats["val_tokens"],
-                             "data/val_tokens_evaluated": evaluated,
+                             "data/val_tokens_evaluated": data.val_tokens_evaluated(),
                              "model/flops_per_token": trainer.meter.flops_per_token()}, step=trainer.state.step)
         if dist.is_main and cfg.eval.samples:
             with trainer.autocast():  # the precision the model trained in (the kernels' dtype)

@@ -64,6 +64,10 @@ class Data:
             self.stats["val_batches"] = len(self._val_cache[1])
         return self._val_cache[multiple]
 
+    def val_tokens_evaluated(self) -> int:
+        """The held-out tokens validation reads (data.max_val_batches may stop short of all of them)."""
+        return sum(b.n_tokens for b in self.val_batches())
+
     @property
     def val_docs(self) -> DocSet:
         """The held-out documents, in validation order."""

@@ -69,6 +69,11 @@ class PackedBatch:
     target_bytes: int | None  # bytes covered by the non-ignored targets, None if unknown
 
     @property
+    def n_tokens(self) -> int:
+        """Tokens of documents in the batch (padding left out)."""
+        return int(self.tokens.numel()) - self.n_pad
+
+    @property
     def n_targets(self) -> int:
         return int((self.targets != IGNORE_INDEX).sum())
 

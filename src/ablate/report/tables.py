@@ -1,8 +1,8 @@
 """Runs → cells → tables. A cell is the runs that differ only by seed; it reports mean ± 95% t-interval
-over its finished runs, one per seed (a seed that ran twice, say in two sweeps read with `--sweep all`, counts
-its latest run once: repeats are not independent samples). The ranking compares each cell with a baseline cell: paired per seed when both
-cells hold the same seeds (the same seed gives every cell the same data order and validation documents),
-else Welch's interval.
+over its finished runs, one per seed (a seed that ran twice, say in two sweeps read with `--sweep all`,
+counts its latest run once: repeats are not independent samples). The ranking compares each cell with a
+baseline cell: paired per seed when both cells hold the same seeds (the same seed gives every cell the
+same data order and validation documents), else Welch's interval.
 """
 from __future__ import annotations
 

@@ -23,9 +23,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ablate.tracking.dashboard import NOTE_TAG, param_key, save_sweep_view, view_link, view_page
-from ablate.tracking.naming import command, sweep_axes, sweep_name, sweep_values, write_axes
-
 from ablate.tracking.mlflow import PARENT_TAG
+from ablate.tracking.naming import command, sweep_axes, sweep_name, sweep_values, write_axes
 
 PARENT_FILE = "parent_run_id"
 LAUNCHER_FILE = "launcher_pid"  # the pid of `python run.py -m`: its worker processes stop when it is gone
@@ -89,7 +88,6 @@ class SweepParentRun(Callback):
         try:
             self.tracker = open_tracker(config, run_name=name, tags=tags, job=False)
             self.tracker.log_params({f"sweep.{k}": v for k, v in sweep_values(overrides, params).items()})
-            sweep_dir.mkdir(parents=True, exist_ok=True)
             write_axes(sweep_dir, axes)
             (sweep_dir / PARENT_FILE).write_text(self.tracker.run_id)
             self._save_view(name, axes)

@@ -263,7 +263,7 @@ def batches_fingerprint(batches) -> dict[str, Any]:  # noqa: ANN001 - PackedBatc
     for b in batches:
         h.update(b.tokens.cpu().numpy().tobytes())
         h.update(repr(b.doc_lens).encode())
-    return {"batches": len(batches), "tokens": sum(int(b.tokens.numel()) - b.n_pad for b in batches),
+    return {"batches": len(batches), "tokens": sum(b.n_tokens for b in batches),
             "hash": h.hexdigest()}
 
 

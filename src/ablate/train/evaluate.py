@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ablate.data.packing import PackedBatch
+from ablate.data.tokenizer import IGNORE_INDEX
 from ablate.train.batches import step_batch
 
 
@@ -51,9 +52,12 @@ def evaluate(token_losses: Callable, model, batches: list[PackedBatch], device: 
             losses = token_losses(b.tokens, b.targets, b.positions, b.layout).float()
         nats += losses.sum().double()
         if select is None:
-            ids = torch.from_numpy(piece_ids(rows)).to(device, non_blocking=True)
-            per_piece_nats.append(torch.zeros(int(ids.max()) + 1, device=device).index_add_(0, ids, losses.flatten()))
-            per_piece_counts.append(np.bincount(piece_ids(rows), weights=(rows.targets != -100).flatten().numpy()))
+            ids = piece_ids(rows)
+            n_pieces = sum(len(row) for row in rows.doc_lens)  # known on the host: no device sync
+            per_piece_nats.append(torch.zeros(n_pieces, device=device).index_add_(
+                0, torch.from_numpy(ids).to(device, non_blocking=True), losses.flatten()))
+            per_piece_counts.append(np.bincount(ids, weights=(rows.targets != IGNORE_INDEX).flatten().numpy(),
+                                                minlength=n_pieces))
     model.train(was_training)
     total = (nats if reduce is None else reduce(nats)).item()
     out = {f"val/loss{suffix}": total / max(n_targets, 1)}
