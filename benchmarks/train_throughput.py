@@ -1,7 +1,7 @@
 """ablate's training step against a plain compiled PyTorch GPT trainer, side by side on one GPU.
 
     python benchmarks/train_throughput.py [--steps 10] [--rounds 4] [--cells a,b,c,a4,d,e]
-                                          [--profile] [--tracking-uri sqlite:///bench.db]
+                                          [--profile] [--logged b,c] [--tracking-uri sqlite:///bench.db]
 
 (a) is a GPT-2-small trainer written here the way a researcher would write one (nanoGPT's shape:
 learned positions, MHA, GELU MLP, LayerNorm without bias, tied head, vocabulary padded to 50304,
@@ -19,12 +19,18 @@ matmul weight and token plus the attention work actually done (12 * L * d per at
 the bf16 matmul peak measured in the same run (and over the datasheet peak, which `perf/mfu` of a
 run uses). Peak memory is each cell's own: the allocator's peak during its steps, less what the
 other cells hold. Ratios are to (a) at the same context.
+
+`--logged b,c` then trains each named cell with `python run.py` itself (same overrides, a fresh
+process, an MLflow store in a temporary folder) and compares the `perf/tokens_per_s` and
+`perf/mfu` the run logged (median of its readings after the first, which holds the compile) with
+the figures measured here.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -142,11 +148,10 @@ def plain_cell(name: str, context: int, batch: int, device: torch.device, shape:
 def ablate_cell(name: str, overrides: list[str], shards: Path, context: int, batch: int, baseline: str,
                 device: torch.device, shape: str) -> Cell:
     layers, d, heads = SHAPES[shape]
-    cfg = compose([*overrides, f"model.n_layers={layers}", f"model.d_model={d}", f"model.n_heads={heads}",
-                   "data=tokens", f"data.path={shards}", "data.max_val_batches=1", "tracking=none",
-                   f"model.context={context}", f"train.batch_size={batch}", "train.steps=1000000",
-                   "train.compile=true", "train.progress=false", f"device={device.type}"])
-    built = build_run(cfg)
+    run_overrides = [*overrides, f"model.n_layers={layers}", f"model.d_model={d}", f"model.n_heads={heads}",
+                     "data=tokens", f"data.path={shards}", "data.max_val_batches=1", f"model.context={context}",
+                     f"train.batch_size={batch}", "train.compile=true", "train.progress=false", f"device={device.type}"]
+    built = build_run(compose([*run_overrides, "tracking=none", "train.steps=1000000"]))
     trainer = built.trainer
     built.model.train()
     counts = {"tokens": 0, "pairs": 0}
@@ -160,7 +165,30 @@ def ablate_cell(name: str, overrides: list[str], shards: Path, context: int, bat
     cell.counts, cell.flop_model = counts, built.flops  # type: ignore[attr-defined]
     cell.persistent_of = lambda: tensor_bytes(built.model.parameters()) + optimizer_bytes(trainer.optimizer)  # type: ignore[attr-defined]
     cell.note = f"backend={built.plan.backend.name}"
+    cell.run_overrides = run_overrides  # type: ignore[attr-defined]
     return cell
+
+
+def logged_figures(cell: Cell, steps: int, folder: Path) -> dict[str, float]:
+    """Train `cell` with `python run.py` (its overrides, `steps` steps) and read back the median of
+    the perf/ metrics the run logged, the first reading (compile, warm-up) left out."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{folder / f'logged_{cell.name}.db'}"
+    command = [sys.executable, str(Path(__file__).resolve().parents[1] / "run.py"), *cell.run_overrides,  # type: ignore[attr-defined]
+               f"tracking.uri={uri}", "tracking.experiment=train_throughput_logged", f"train.steps={steps}",
+               "train.log_every=10", "eval.context_multiples=[1]", "eval.sample_tokens=1"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=folder)
+    if done.returncode:
+        raise RuntimeError(f"python run.py for cell {cell.name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("train_throughput_logged").experiment_id])  # its own store
+    out = {}
+    for key in ("perf/tokens_per_s", "perf/mfu"):
+        values = [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+        if len(values) > 1:
+            out[key] = statistics.median(values[1:])
+    return out
 
 
 def make_shards(folder: Path, kind: str, context: int, tokens: int, seed: int) -> Path:
@@ -257,12 +285,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="rows per step at the base context (a quarter at 4x)")
     parser.add_argument("--context", type=int, default=1024, help="the base context; cells a4 and d run at 4x")
     parser.add_argument("--profile", action="store_true", help="also print GPU time per kernel class")
+    parser.add_argument("--logged", default="", help="ablate cells to also train with python run.py, comparing "
+                        "the perf/ metrics the run logs with this benchmark's figures")
+    parser.add_argument("--logged-steps", type=int, default=80)
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test of the script itself (with --shape tiny)")
     parser.add_argument("--shape", default="gpt2", choices=sorted(SHAPES))
     args = parser.parse_args(argv)
     wanted = args.cells.split(",")
     unknown = [name for name in wanted if name not in CELLS]
+    unknown += [f"{name} (--logged)" for name in filter(None, args.logged.split(","))
+                if name not in wanted or name.startswith("a")]
     if unknown:
         parser.error(f"--cells: unknown cell(s) {', '.join(unknown)}; choose from {', '.join(CELLS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -302,6 +335,13 @@ def main(argv: list[str] | None = None) -> int:
             parts, top = profile(cell, 3)
             print(f"profile {cell.name}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in parts.items()), flush=True)
             print("\n".join(f"    {ms:6.2f} ms  {name}" for name, ms in top), flush=True)
+    for name in filter(None, args.logged.split(",")):
+        cell = next(c for c in cells if c.name == name)
+        got = logged_figures(cell, args.logged_steps, tmp)
+        rate, mfu_ds = cell.summary["tokens_per_s"], cell.summary["mfu_datasheet"]  # type: ignore[attr-defined]
+        print(f"logged {name}: python run.py logged perf/tokens_per_s {got.get('perf/tokens_per_s', float('nan')):,.0f} "
+              f"({got.get('perf/tokens_per_s', float('nan')) / rate:.3f} x the benchmark's {rate:,.0f}), perf/mfu "
+              f"{got.get('perf/mfu', float('nan')):.1%} (benchmark's MFU(ds) {mfu_ds:.1%})", flush=True)
     if args.tracking_uri:
         log_mlflow(args.tracking_uri, cells, peak, table, vars(args))
     return 0

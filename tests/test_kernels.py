@@ -331,7 +331,7 @@ def test_ragged_op_matches_eager_and_compiles_once_for_any_layout():
     rng = random.Random(0)
 
     def attend(q, k, v, layout):
-        o, _ = ragged_attention(q, k, v, layout.seq_len, layout.starts, layout.host_starts, True, True)
+        o, _ = ragged_attention(q, k, v, *layout.op_args(), True, True)
         return o
 
     compiled = torch.compile(attend)

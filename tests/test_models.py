@@ -4,6 +4,8 @@ import torch
 
 from ablate.config import compose
 from ablate.kernels import BACKENDS
+from ablate.kernels.base import Backend
+from ablate.kernels.ragged import prepare_ragged, ragged_attention
 from ablate.models import LanguageModel, count_params
 
 POS = ["alibi", "rope", "learned", "sinusoidal", "nope"]
@@ -98,3 +100,52 @@ def test_packed_documents_equal_each_document_alone(pos):
         start += n
     for g_packed, p in zip(grads_packed, model.parameters()):
         torch.testing.assert_close(g_packed, p.grad, rtol=1e-8, atol=1e-10)
+
+
+class PackedReference(Backend):
+    """The ragged op (the cuDNN path's wiring, here its float32 reference) as a backend that asks
+    for packed q, k and v; it records whether each call got them without a copy."""
+
+    name = "packed-reference"
+
+    def __init__(self, packs: bool = True):
+        self.packs = packs
+        self.packed: list[bool] = []
+
+    def refuse(self, cell):
+        return None
+
+    def prepare(self, spec, doc_lens, n_rows, row_len):
+        return prepare_ragged(spec, doc_lens, n_rows, row_len)
+
+    def packs_qkv(self, spec, layout):
+        return self.packs
+
+    def attend(self, q, k, v, spec, layout=None):
+        self.packed.append(all(t.is_contiguous() for t in (q, k, v)))
+        o, _ = ragged_attention(q, k, v, *layout.op_args(), spec.causal, spec.alibi)
+        return o
+
+
+@pytest.mark.parametrize("pos,attention", [("learned", "mha"), ("rope", "gqa"), ("alibi", "mqa")])
+def test_a_kernel_that_reads_packed_qkv_gets_them_from_the_same_weights(pos, attention):
+    """A backend that reads packed q, k, v gets them from one matmul each (no strided slices to
+    copy), with the model's weights unchanged: logits and every gradient equal those of the fused
+    projection's slices through the same op (a float32 kernel in a float64 model, on fresh inputs:
+    tolerance 1e-6 of the largest value)."""
+    torch.manual_seed(1)
+    model = build([f"pos={pos}", f"attention={attention}"] + ["attention.n_kv_heads=2"] * (attention == "gqa")).double()
+    tokens = torch.randint(0, 64, (2, 64))
+    docs = ((20, 30, 14), (64,))
+    weights = torch.randn(2, 64, 64, dtype=torch.float64)
+    results = []
+    for backend in (PackedReference(packs=False), PackedReference()):
+        model.backend = backend
+        model.zero_grad()
+        logits = model(tokens, doc_lens=docs)
+        (logits * weights).sum().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert backend.packed == [True] * len(model.blocks)
+    (want, want_grads), (got, got_grads) = results
+    for g, w in zip([got, *got_grads], [want, *want_grads]):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-6 * w.abs().max().item())

@@ -74,6 +74,12 @@ class Backend:
         layout = self.prepare(spec, doc_lens, B, T)
         return self.attend(q_BTNH, k_BTKH, v_BTKH, spec, None if layout is None else layout.to(q_BTNH.device))
 
+    def packs_qkv(self, spec: AttentionSpec, layout: Layout | None) -> bool:
+        """True when `attend` reads q, k and v as separate packed (B, T, heads, H) buffers for this
+        batch: the model then projects them with one matmul each (row blocks of its fused weight)
+        instead of slicing one fused projection into strided views the kernel would copy."""
+        return False
+
     def caveat(self, cell: Cell) -> str | None:
         """A cost worth knowing when the backend serves `cell` (a copy, an O(T^2) mask), or None."""
         return None

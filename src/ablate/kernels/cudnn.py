@@ -55,12 +55,17 @@ class CudnnBackend(Backend):
             return None  # dense causal: SDPA
         return prepare_ragged(spec, doc_lens, n_rows, row_len, offset_dtype())
 
+    def packs_qkv(self, spec: AttentionSpec, layout: RaggedLayout | None) -> bool:
+        return layout is not None or spec.alibi  # the ragged graph's buffers are packed per tensor
+
     def attend(self, q_BTNH, k_BTKH, v_BTKH, spec: AttentionSpec, layout: RaggedLayout | None = None) -> torch.Tensor:
         if layout is None:
             if spec.alibi:
                 layout = prepare_ragged(spec, None, *q_BTNH.shape[:2], offset_dtype()).to(q_BTNH.device)
             else:
                 return sdpa(q_BTNH, k_BTKH, v_BTKH, spec, None)
-        o_BTNH, _ = ragged_attention(q_BTNH, k_BTKH, v_BTKH, layout.seq_len, layout.starts, layout.host_starts,
-                                     spec.causal, spec.alibi)
+        # packed here, in the traced step, so that autograd saves the packed tensors (no copy in the
+        # backward) and a copy that is still needed fuses with its producer
+        q_BTNH, k_BTKH, v_BTKH = q_BTNH.contiguous(), k_BTKH.contiguous(), v_BTKH.contiguous()
+        o_BTNH, _ = ragged_attention(q_BTNH, k_BTKH, v_BTKH, *layout.op_args(), spec.causal, spec.alibi)
         return o_BTNH

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -83,7 +83,7 @@ class GraphShape:
     dtype: torch.dtype
     causal: bool
     alibi: bool
-    total: int  # packed tokens B*T (only the backward graph depends on it)
+    total: int  # packed tokens B*T for the backward graph (which depends on it); 0 for the forward
 
     def token_stride(self, role: str) -> int:
         """Elements from one token to the next in the (packed) buffer of `role`."""
@@ -194,7 +194,7 @@ def _build_bwd(s: GraphShape, handle) -> Plan:  # noqa: ANN001
 
 
 def plan(kind: str, s: GraphShape, handle) -> Plan:  # noqa: ANN001
-    key = (kind, s if kind == "bwd" else replace(s, total=0))
+    key = (kind, s)
     if key not in _GRAPHS:
         _GRAPHS[key] = _build_bwd(s, handle) if kind == "bwd" else _build_fwd(s, handle)
     return _GRAPHS[key]

@@ -1,12 +1,14 @@
 """Packed documents as one ragged buffer, and one opaque attention op over it.
 
 A batch of B rows of T tokens, whose rows end on document ends, is read as one buffer of B*T
-tokens tiled by its documents. `RaggedLayout` holds, per document, its length and its first token
-(device tensors), plus the starts on the host: a kernel picks its compiled graph from host data
-alone, so nothing waits on the device. q, k and v may be strided views (the slices of one fused
-projection): the kernel reads them in place, with offsets scaled by each one's token stride. The document count is
-rounded up to a bucket (zero-length documents pad it), and marked dynamic for torch.compile, so a
-new batch neither rebuilds a kernel graph nor recompiles the training step.
+tokens tiled by its documents. `RaggedLayout` holds, per document, its length and where it starts
+in q's and in k/v's packed (B, T, heads, H) buffers (device tensors, made on the host with the
+batch), plus the starts and the length bucket on the host: a kernel picks its compiled graph from
+host data alone, so nothing waits on the device and the step launches no offset arithmetic. q, k
+and v must each be packed (the backend asks the model to project them separately rather than
+slice one fused projection: `Backend.packs_qkv`). The document count is rounded up to a bucket
+(zero-length documents pad it), and marked dynamic for torch.compile, so a new batch neither
+rebuilds a kernel graph nor recompiles the training step.
 
 `ragged_attention` is a custom op (`ablate::ragged_attention`) with a fake implementation and a
 backward op, so torch.compile keeps it opaque and traces around it. On CUDA it runs cuDNN's fused
@@ -42,13 +44,19 @@ def seq_bucket(longest: int, row_len: int) -> int:
 @dataclass
 class RaggedLayout(Layout):
     seq_len: torch.Tensor  # (docs,) int32, zero-length documents pad to the bucket
-    starts: torch.Tensor  # (docs + 1,) each document's first token (kernel offsets are multiples of it)
-    host_starts: torch.Tensor  # (docs + 1,) int64 on the host: the same
+    q_off: torch.Tensor  # (docs + 1,) each document's first element in q's (B, T, N, H) buffer (and o's)
+    kv_off: torch.Tensor  # (docs + 1,) the same in k's and v's (B, T, K, H) buffers
+    host_starts: torch.Tensor  # (docs + 1,) int64 on the host: each document's first token
+    host_seq: torch.Tensor  # (1,) int64 on the host: the max document length bucket S (`seq_bucket`)
 
     def finish(self, device: torch.device) -> "RaggedLayout":
-        for t in (self.seq_len, self.starts, self.host_starts):
+        for t in (self.seq_len, self.q_off, self.kv_off, self.host_starts):
             torch._dynamo.maybe_mark_dynamic(t, 0)  # the document count varies by batch
         return self
+
+    def op_args(self) -> tuple[torch.Tensor, ...]:
+        """The layout's arguments to `ragged_attention`, in order."""
+        return self.seq_len, self.q_off, self.kv_off, self.host_starts, self.host_seq
 
 
 def prepare_ragged(spec: AttentionSpec, doc_lens: DocLens | None, n_rows: int, row_len: int,
@@ -57,27 +65,28 @@ def prepare_ragged(spec: AttentionSpec, doc_lens: DocLens | None, n_rows: int, r
         check_doc_lens(doc_lens, n_rows, row_len)
     lens = flat_doc_lens(doc_lens, n_rows, row_len)
     lens = np.array(lens + [0] * (doc_bucket(len(lens)) - len(lens)), dtype=np.int64)
-    starts = torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]))
-    return RaggedLayout(seq_len=torch.from_numpy(lens).to(torch.int32), starts=starts.to(offset_dtype),
-                        host_starts=starts)
-
-
-def _stats_seq(host_starts: torch.Tensor, row_len: int) -> int:
-    return seq_bucket(int(host_starts.diff().max()), row_len)
+    starts = np.concatenate([[0], np.cumsum(lens)])
+    q_width, kv_width = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    return RaggedLayout(seq_len=torch.from_numpy(lens).to(torch.int32),
+                        q_off=torch.from_numpy(starts * q_width).to(offset_dtype),
+                        kv_off=torch.from_numpy(starts * kv_width).to(offset_dtype),
+                        host_starts=torch.from_numpy(starts),
+                        host_seq=torch.tensor([seq_bucket(int(lens.max(initial=1)), row_len)]))
 
 
 @torch.library.custom_op("ablate::ragged_attention", mutates_args=())
-def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: torch.Tensor, starts: torch.Tensor,
-                     host_starts: torch.Tensor, causal: bool, alibi: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """q_BTNH, k_BTKH, v_BTKH over the documents of the layout -> (o_BTNH, float32 softmax stats
-    packed at the start of a (docs * N * T,) buffer)."""
+def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: torch.Tensor, q_off: torch.Tensor,
+                     kv_off: torch.Tensor, host_starts: torch.Tensor, host_seq: torch.Tensor, causal: bool,
+                     alibi: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q_BTNH, k_BTKH, v_BTKH (each packed) over the documents of the layout (`RaggedLayout.op_args`)
+    -> (o_BTNH, float32 softmax stats packed at the start of a (docs * N * T,) buffer)."""
     if q.is_cuda:
-        return _cudnn_forward(q, k, v, seq_len, starts, host_starts, causal, alibi)
-    return _reference_forward(q, k, v, host_starts, causal, alibi)
+        return _cudnn_forward(q, k, v, seq_len, q_off, kv_off, host_seq, causal, alibi)
+    return _reference_forward(q, k, v, host_starts, host_seq, causal, alibi)
 
 
 @ragged_attention.register_fake
-def _(q, k, v, seq_len, starts, host_starts, causal, alibi):  # noqa: ANN001, ANN202
+def _(q, k, v, seq_len, q_off, kv_off, host_starts, host_seq, causal, alibi):  # noqa: ANN001, ANN202
     B, T, N, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         q.new_empty(seq_len.shape[0] * N * T, dtype=torch.float32)
@@ -85,30 +94,30 @@ def _(q, k, v, seq_len, starts, host_starts, causal, alibi):  # noqa: ANN001, AN
 
 @torch.library.custom_op("ablate::ragged_attention_backward", mutates_args=())
 def ragged_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                              stats: torch.Tensor, seq_len: torch.Tensor, starts: torch.Tensor,
-                              host_starts: torch.Tensor, causal: bool,
+                              stats: torch.Tensor, seq_len: torch.Tensor, q_off: torch.Tensor, kv_off: torch.Tensor,
+                              host_starts: torch.Tensor, host_seq: torch.Tensor, causal: bool,
                               alibi: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if q.is_cuda:
-        return _cudnn_backward(do, q, k, v, o, stats, seq_len, starts, host_starts, causal, alibi)
+        return _cudnn_backward(do, q, k, v, o, stats, seq_len, q_off, kv_off, host_seq, causal, alibi)
     return _reference_backward(do, q, k, v, host_starts, causal, alibi)
 
 
 @ragged_attention_backward.register_fake
-def _(do, q, k, v, o, stats, seq_len, starts, host_starts, causal, alibi):  # noqa: ANN001, ANN202
+def _(do, q, k, v, o, stats, seq_len, q_off, kv_off, host_starts, host_seq, causal, alibi):  # noqa: ANN001, ANN202
     like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
     return like(q), like(k), like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-    q, k, v, seq_len, starts, host_starts, causal, alibi = inputs
+    q, k, v, seq_len, q_off, kv_off, host_starts, host_seq, causal, alibi = inputs
     o, stats = output
-    ctx.save_for_backward(q, k, v, o, stats, seq_len, starts, host_starts)
+    ctx.save_for_backward(q, k, v, o, stats, seq_len, q_off, kv_off, host_starts, host_seq)
     ctx.flags = (causal, alibi)
 
 
 def _backward(ctx, do, dstats):  # noqa: ANN001, ANN202
     dq, dk, dv = ragged_attention_backward(do, *ctx.saved_tensors, *ctx.flags)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 ragged_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -117,45 +126,41 @@ ragged_attention.register_autograd(_backward, setup_context=_setup_context)
 # ---- CUDA: cuDNN
 
 
-def _graph_shape(q: torch.Tensor, k: torch.Tensor, seq_len: torch.Tensor, host_starts: torch.Tensor,
-                 causal: bool, alibi: bool):  # noqa: ANN202
+def _graph_shape(q: torch.Tensor, k: torch.Tensor, seq_len: torch.Tensor, host_seq: torch.Tensor, causal: bool,
+                 alibi: bool, total: int = 0):  # noqa: ANN202
     from ablate.kernels.cudnn_graphs import GraphShape
 
     B, T, N, H = q.shape
     return GraphShape(device=q.device.index if q.device.index is not None else torch.cuda.current_device(),
-                      docs=seq_len.shape[0], seq=_stats_seq(host_starts, T), n_heads=N, n_kv_heads=k.shape[2],
-                      head_dim=H, dtype=q.dtype, causal=causal, alibi=alibi, total=B * T)
+                      docs=seq_len.shape[0], seq=int(host_seq[0]), n_heads=N, n_kv_heads=k.shape[2],
+                      head_dim=H, dtype=q.dtype, causal=causal, alibi=alibi, total=total)
 
 
-def _layout_data(s, seq_len: torch.Tensor, starts: torch.Tensor) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    """Document lengths, and each buffer's document offsets: starts times its token stride."""
-    offsets = {"q_off": s.token_stride("q"), "kv_off": s.token_stride("k")}
-    return {"seq_q": seq_len, "seq_kv": seq_len, **{name: starts * w for name, w in offsets.items()}}
-
-
-def _cudnn_forward(q, k, v, seq_len, starts, host_starts, causal, alibi):  # noqa: ANN001, ANN202
+def _cudnn_forward(q, k, v, seq_len, q_off, kv_off, host_seq, causal, alibi):  # noqa: ANN001, ANN202
     from ablate.kernels.cudnn_graphs import execute
 
     if q.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"cuDNN's ragged attention takes bfloat16 or float16, not {q.dtype}; run the model "
                          "under bf16 autocast (precision=auto or bf16)")
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # cuDNN's ragged layout needs packed tokens
-    s = _graph_shape(q, k, seq_len, host_starts, causal, alibi)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the offsets count packed tokens (no-op copies
+    # when the caller packed them, as `CudnnBackend.attend` does; a compiled graph may still hand over other strides)
+    s = _graph_shape(q, k, seq_len, host_seq, causal, alibi)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     stats = torch.empty(s.docs * s.n_heads * q.shape[1], dtype=torch.float32, device=q.device)
-    execute("fwd", s, {**_layout_data(s, seq_len, starts), "q": q, "k": k, "v": v, "o": o, "stats": stats}, q.device)
+    execute("fwd", s, {"seq_q": seq_len, "seq_kv": seq_len, "q_off": q_off, "kv_off": kv_off,
+                       "q": q, "k": k, "v": v, "o": o, "stats": stats}, q.device)
     return o, stats
 
 
-def _cudnn_backward(do, q, k, v, o, stats, seq_len, starts, host_starts, causal, alibi):  # noqa: ANN001, ANN202
+def _cudnn_backward(do, q, k, v, o, stats, seq_len, q_off, kv_off, host_seq, causal, alibi):  # noqa: ANN001, ANN202
     from ablate.kernels.cudnn_graphs import execute
 
     q, k, v, o, do = (t.contiguous() for t in (q, k, v, o, do))
-    s = _graph_shape(q, k, seq_len, host_starts, causal, alibi)
+    s = _graph_shape(q, k, seq_len, host_seq, causal, alibi, total=q.shape[0] * q.shape[1])
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
-    execute("bwd", s, {**_layout_data(s, seq_len, starts), "q": q, "k": k, "v": v, "o": o, "dO": do,
-                       "stats": stats, "dq": dq, "dk": dk, "dv": dv}, q.device)
+    execute("bwd", s, {"seq_q": seq_len, "seq_kv": seq_len, "q_off": q_off, "kv_off": kv_off, "q": q, "k": k,
+                       "v": v, "o": o, "dO": do, "stats": stats, "dq": dq, "dk": dk, "dv": dv}, q.device)
     return dq, dk, dv
 
 
@@ -185,12 +190,12 @@ def _heads(x_LKH: torch.Tensor, groups: int) -> torch.Tensor:
     return x_LKH.float().repeat_interleave(groups, 1).transpose(0, 1)
 
 
-def _reference_forward(q, k, v, host_starts, causal, alibi):  # noqa: ANN001, ANN202
+def _reference_forward(q, k, v, host_starts, host_seq, causal, alibi):  # noqa: ANN001, ANN202
     B, T, N, H = q.shape
     groups = N // k.shape[2]
     qf, kf, vf = (t.reshape(B * T, *t.shape[2:]) for t in (q, k, v))
     o = torch.zeros(B * T, N, H, dtype=torch.float32)
-    docs, S = host_starts.shape[0] - 1, _stats_seq(host_starts, T)
+    docs, S = host_starts.shape[0] - 1, int(host_seq[0])
     stats = torch.zeros(docs * N * T, dtype=torch.float32)
     packed = stats[: docs * N * S].view(docs, N, S)
     for d, (a, b) in enumerate(_documents(host_starts)):

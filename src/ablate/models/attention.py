@@ -8,6 +8,7 @@ by the model) and never branches on which one it is.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ablate.kernels.base import Backend, Layout
@@ -49,7 +50,11 @@ class Attention(Component, nn.Module):
     def forward(self, x_BTD: torch.Tensor, positions: PositionScheme, rotation, layout: Layout | None) -> torch.Tensor:  # noqa: ANN001
         B, T, _ = x_BTD.shape
         N, K, H = self.spec.n_heads, self.spec.n_kv_heads, self.spec.head_dim
-        q, k, v = self.qkv(x_BTD).split([N * H, K * H, K * H], dim=-1)
+        widths = [N * H, K * H, K * H]
+        if self.kernel.packs_qkv(self.spec, layout):  # one matmul each: packed q, k, v, and the same weights
+            q, k, v = (F.linear(x_BTD, w) for w in self.qkv.weight.split(widths))
+        else:
+            q, k, v = self.qkv(x_BTD).split(widths, dim=-1)
         q_BTNH, k_BTKH = positions.rotate(q.view(B, T, N, H), k.view(B, T, K, H), rotation)
         o_BTNH = self.kernel.attend(q_BTNH, k_BTKH, v.view(B, T, K, H), self.spec, layout)
         return self.out(o_BTNH.reshape(B, T, N * H))
