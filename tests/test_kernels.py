@@ -32,7 +32,7 @@ from ablate.kernels import (
 from ablate.kernels import xformers_backend
 from ablate.kernels.flex import prepare_flex
 from ablate.kernels.ragged import prepare_ragged, ragged_attention
-from ablate.kernels.sdpa import fused_gqa
+from ablate.kernels.sdpa import fused_gqa, spec_additive_mask
 from ablate.kernels.spec import allowed_mask, document_ids
 
 N_HEADS = 4
@@ -253,6 +253,20 @@ class RecordOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.calls.append((str(func), args))
         return func(*args, **(kwargs or {}))
+
+
+def test_sdpa_makes_the_mask_of_unpacked_rows_once():
+    """Rows of one document with a window or ALiBi: every layer and batch shares one additive
+    mask (made on the first call), equal to the mask made from the dense boolean mask."""
+    spec = AttentionSpec(N_HEADS, N_HEADS, 16, window=5, alibi=True)
+    q, k, v = (torch.randn(2, 24, N_HEADS, 16) for _ in range(3))
+    spec_additive_mask.cache_clear()
+    backend = get_backend("sdpa")
+    outs = [backend.attend(q, k, v, spec, None) for _ in range(3)]
+    assert spec_additive_mask.cache_info().misses == 1 and spec_additive_mask.cache_info().hits == 2
+    assert torch.equal(outs[0], outs[2])
+    ref = get_backend("eager")(q, k, v, spec, None)
+    assert rel_err(outs[0], ref) < 1e-5
 
 
 @pytest.mark.parametrize("problem", ["gqa", "gqa_packed", "mqa_alibi"])

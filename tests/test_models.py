@@ -149,3 +149,18 @@ def test_a_kernel_that_reads_packed_qkv_gets_them_from_the_same_weights(pos, att
     (want, want_grads), (got, got_grads) = results
     for g, w in zip([got, *got_grads], [want, *want_grads]):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-6 * w.abs().max().item())
+
+
+def test_sinusoids_do_not_swamp_the_token_embeddings():
+    """At initialisation the token signal entering the first block is as strong as the sinusoids
+    (within 2x in RMS), the balance of Vaswani et al.: unit-amplitude sinusoids would be 35x
+    stronger than embeddings of std 0.02, and the model would first have to learn to see its tokens."""
+    model = build(["pos=sinusoidal", "model.d_model=384", "model.n_heads=6"], vocab=256)
+    tokens = torch.randint(0, 256, (4, 64))
+    positions = torch.arange(64).expand(4, 64)
+    x = model.embed(tokens)
+    with_pos = model.positions.embed(x, positions)
+    table = model.positions.embed(torch.zeros_like(x), positions)
+    rms = lambda t: t.pow(2).mean().sqrt().item()  # noqa: E731
+    token_part = rms(with_pos - table)
+    assert 0.5 < token_part / rms(table) < 2, (token_part, rms(table))

@@ -34,10 +34,16 @@ def needs_mask(spec: AttentionSpec, layout: MaskLayout | None) -> bool:
 def additive_mask(spec: AttentionSpec, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B|1, 1|N, T, T) mask in `dtype`: ALiBi bias (or 0) where allowed, -inf elsewhere."""
     T = allowed.shape[-1]
-    bias = torch.zeros((), dtype=torch.float32, device=allowed.device)
-    if spec.alibi:
-        bias = alibi_bias(spec.slopes(allowed.device), T, spec.causal)
-    return bias.masked_fill(~allowed, float("-inf")).to(dtype)
+    if spec.alibi:  # the bias in float32, then one rounding
+        return alibi_bias(spec.slopes(allowed.device), T, spec.causal).masked_fill(~allowed, float("-inf")).to(dtype)
+    return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+
+
+@functools.lru_cache(maxsize=16)
+def spec_additive_mask(spec: AttentionSpec, row_len: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask of rows of one document (window, ALiBi): the same for every batch and
+    layer, so made once (in eager mode; a compiled step folds it into its graph)."""
+    return additive_mask(spec, mask_for(spec, None, row_len, torch.device(device)), dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,6 +107,8 @@ class SdpaBackend(Backend):
 
     def attend(self, q_BTNH, k_BTKH, v_BTKH, spec: AttentionSpec, layout: MaskLayout | None = None) -> torch.Tensor:
         mask = None
-        if needs_mask(spec, layout):
-            mask = additive_mask(spec, mask_for(spec, layout, q_BTNH.shape[1], q_BTNH.device), q_BTNH.dtype)
+        if layout is not None:
+            mask = additive_mask(spec, layout.allowed, q_BTNH.dtype)
+        elif needs_mask(spec, None):
+            mask = spec_additive_mask(spec, q_BTNH.shape[1], str(q_BTNH.device), q_BTNH.dtype)
         return sdpa(q_BTNH, k_BTKH, v_BTKH, spec, mask)

@@ -72,11 +72,18 @@ class LearnedPositions(PositionScheme):
 
 @POSITIONS.register("sinusoidal")
 class SinusoidalPositions(PositionScheme):
+    """Fixed sinusoids (Vaswani et al.) added to the token embeddings at the embeddings' own scale
+    (RMS model.init_std). Vaswani et al. keep the same balance by multiplying their embeddings (std
+    d^-1/2) by sqrt(d); unit-amplitude sinusoids on embeddings of std 0.02 would swamp the tokens
+    35 to 1, and the model would first have to learn to see them.
+    """
+
     def __init__(self, cfg):  # noqa: ANN001
         super().__init__(cfg)
         d = cfg.model.d_model
         inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2).float() / d)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.scale = cfg.model.init_std * math.sqrt(2)  # the table's RMS becomes model.init_std
 
     @classmethod
     def check(cls, cfg) -> list[str]:  # noqa: ANN001
@@ -87,7 +94,7 @@ class SinusoidalPositions(PositionScheme):
     def embed(self, x_BTD, pos_BT):  # noqa: ANN001, ANN201
         angles = pos_BT[..., None].float() * self.inv_freq
         table = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
-        return x_BTD + table.to(x_BTD.dtype)
+        return x_BTD + (table * self.scale).to(x_BTD.dtype)
 
 
 @POSITIONS.register("rope")
