@@ -14,7 +14,10 @@ ablate's cells run the step `python run.py` runs (`ablate.experiment.build_run`,
     e   the Llama cell: GQA (4 K/V heads) + RoPE + SwiGLU + RMSNorm, one document per row
 Tokens are random ids in uint16 shards made here with numpy (GPT-2's vocabulary, <|endoftext|>
 between documents). Every cell is compiled and warmed up first; then each round times every cell
-for `--steps` steps in turn, and a cell's figure is the median over rounds. MFU counts 6 FLOPs per
+for `--steps` steps in turn, and a cell's figure is the median over rounds. Before timing, each cell
+steps on until no new cuDNN graph was built nor graph compiled for `--settle` steps (packed batches meet a few
+new document-count buckets at first: a one-time cost per shape, which would otherwise land in the
+timed steps of a short benchmark but not in a long run's). MFU counts 6 FLOPs per
 matmul weight and token plus the attention work actually done (12 * L * d per attended pair), over
 the bf16 matmul peak measured in the same run (and over the datasheet peak, which `perf/mfu` of a
 run uses). Peak memory is each cell's own: the allocator's peak during its steps, less what the
@@ -210,6 +213,29 @@ def make_shards(folder: Path, kind: str, context: int, tokens: int, seed: int) -
 # ---- timing
 
 
+def graph_builds() -> int:
+    """cuDNN graphs built and graphs compiled so far in this process (each costs host time once per shape)."""
+    from torch._dynamo.utils import counters
+
+    from ablate.kernels.cudnn_graphs import graph_builds as builds
+
+    return builds() + counters["stats"]["unique_graphs"]
+
+
+def settle(cell: Cell, quiet_steps: int, device: torch.device, limit: int = 200) -> str:
+    """Step until `quiet_steps` steps in a row build no new kernel graph: a run's steady state, which
+    a long run reaches within its first steps (the document-count and length buckets are few)."""
+    quiet = steps = 0
+    while quiet < quiet_steps and steps < limit:
+        before = graph_builds()
+        cell.step()
+        steps += 1
+        quiet = quiet + 1 if graph_builds() == before else 0
+    synchronize(device)
+    cell.builds_before_timing = graph_builds()  # type: ignore[attr-defined]
+    return f"settled after {steps} more steps, {graph_builds()} cuDNN and compiled graphs so far"
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -281,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per cell per round")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=6, help="steps per cell before timing (compiles)")
+    parser.add_argument("--settle", type=int, default=10, help="after warm-up, step until no kernel graph was built "
+                        "for this many steps in a row (packed batches meet new cuDNN graph shapes at first)")
     parser.add_argument("--cells", default="a,b,c,e,a4,d")
     parser.add_argument("--batch", type=int, default=32, help="rows per step at the base context (a quarter at 4x)")
     parser.add_argument("--context", type=int, default=1024, help="the base context; cells a4 and d run at 4x")
@@ -321,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         cell = makers[name]()
         for _ in range(args.warmup):
             cell.step()
-        synchronize(device)
-        print(f"cell {name}: built, compiled and warmed up in {time.perf_counter() - t0:.0f} s {cell.note}", flush=True)
+        settled = settle(cell, args.settle, device)
+        print(f"cell {name}: built, compiled and warmed up in {time.perf_counter() - t0:.0f} s ({settled}) {cell.note}",
+              flush=True)
         cells.append(cell)
     peak = measure_matmul_peak(device) if device.type == "cuda" else float("nan")
     for _ in range(args.rounds):
@@ -330,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             time_block(cell, args.steps, device)
     table = report(cells, peak, peak_flops(device) or float("nan"), device)
     print(table)
+    print(f"cuDNN and compiled graphs built while timing: {graph_builds() - cells[-1].builds_before_timing}", flush=True)  # type: ignore[attr-defined]
     if args.profile:
         for cell in cells:
             parts, top = profile(cell, 3)
