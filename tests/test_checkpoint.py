@@ -190,3 +190,29 @@ def test_the_data_fingerprint_sees_a_one_character_edit(tmp_path):
     doc.write_text(text[:40] + ("X" if text[40] != "X" else "Y") + text[41:])  # same length
     after = fingerprint()
     assert after != before and (after["train"] != before["train"] or after["val"] != before["val"])
+
+
+@pytest.mark.parametrize("pos", ["sinusoidal", "rope"])
+def test_a_checkpoint_of_an_earlier_component_revision_is_not_resumed(tmp_path, pos):
+    """A checkpoint records the revision of each component of its model; one written before a
+    component changed what it computes (here: before revisions were recorded, i.e. revision 1 of
+    each, as sinusoidal positions were until their rescaling) is refused with the fix, and one of the
+    same revisions resumes."""
+    from conftest import tiny_cfg
+
+    from ablate.experiment import build_run
+    from ablate.train import resume
+
+    cfg = tiny_cfg(f"pos={pos}")
+    payload = checkpoint.trainer_payload(build_run(cfg).trainer, run_id=None)
+    assert payload["revisions"][f"pos={pos}"] == (2 if pos == "sinusoidal" else 1)
+    resume.check_revisions(payload, tmp_path / "last.pt", cfg)  # the same revisions: resumes
+    old = {k: v for k, v in payload.items() if k != "revisions"}
+    if pos == "rope":
+        resume.check_revisions(old, tmp_path / "last.pt", cfg)  # nothing changed for rope
+        return
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        resume.check_revisions(old, tmp_path / "last.pt", cfg)
+    message = str(err.value)
+    assert "revision 1 of pos=sinusoidal" in message and "revision 2" in message and "embeddings' scale" in message
+    assert str(tmp_path / "last.pt") in message and "train.resume=false" in message

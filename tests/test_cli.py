@@ -69,6 +69,24 @@ def test_data_that_cannot_be_used_is_refused_with_only_the_reason(content, words
     assert runs_in(store)[1] == [], "a refused run leaves no run in the store"
 
 
+def test_a_checkpoint_that_cannot_be_resumed_is_refused_with_only_the_reason(run_main, tmp_path, store):
+    """A resume that must not happen (here a last.pt without the format marker) is a refusal: the
+    reason and the file, exit status 2, no traceback, no run opened in the store."""
+    import torch
+    from conftest import tiny_cfg
+
+    from ablate.train import checkpoint
+
+    args = [f"tracking.uri={store}", f"paths.output_dir={tmp_path}/out", "train.checkpoint_every=2"]
+    folder = checkpoint.checkpoint_dir(tiny_cfg(*args))
+    folder.mkdir(parents=True)
+    torch.save({"step": 3}, folder / "last.pt")
+    code, out = run_main(*TINY, *args)
+    assert code == 2, out
+    assert str(folder / "last.pt") in out and "not an ablate checkpoint" in out and "Traceback" not in out, out
+    assert runs_in(store)[1] == [], "a refused run leaves no run in the store"
+
+
 def test_a_refused_process_exits_2_without_a_traceback(tmp_path):
     code, out = run_py("-m", "attention=gqa,linear", f"hydra.sweep.dir={tmp_path}/sweep")
     assert code == 2, out

@@ -12,7 +12,14 @@ T = TypeVar("T")
 
 
 class Component:
-    """A registered building block. `cfg` is always the whole run config."""
+    """A registered building block. `cfg` is always the whole run config.
+
+    `revision` counts changes to what the component computes; a checkpoint records the revision of
+    each component of its model, and a run does not resume across a change (`revised` says what it was).
+    """
+
+    revision: int = 1
+    revised: str = ""
 
     @classmethod
     def check(cls, cfg: Any) -> list[str]:

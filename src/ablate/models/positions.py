@@ -78,6 +78,9 @@ class SinusoidalPositions(PositionScheme):
     35 to 1, and the model would first have to learn to see them.
     """
 
+    revision = 2
+    revised = "the sinusoids now enter at the token embeddings' scale (RMS model.init_std), not at amplitude 1"
+
     def __init__(self, cfg):  # noqa: ANN001
         super().__init__(cfg)
         d = cfg.model.d_model

@@ -72,6 +72,11 @@ class LanguageModel(Component, nn.Module):
                 problems += registry.check(name, cfg)
         return problems
 
+    @classmethod
+    def revisions(cls, cfg) -> dict[str, int]:  # noqa: ANN001
+        """The revision of each component the model of `cfg` is built from, by `group=name`."""
+        return {f"{group}={cfg[group].name}": registry.get(cfg[group].name).revision for group, registry in COMPONENTS}
+
     def __init__(self, cfg, vocab_size: int, backend: Backend | None = None):  # noqa: ANN001
         nn.Module.__init__(self)
         m = cfg.model

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ablate.errors import ConfigError
+from ablate.models import LanguageModel
 from ablate.processes import is_running
 from ablate.train.distributed import full_state, load_full_state
 
@@ -45,6 +47,11 @@ VOLATILE = ("paths", "tracking", "train.progress", "train.parallel", "train.resu
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be trusted, read or written; the message names the file and the fix."""
+
+
+class ResumeRefused(CheckpointError, ConfigError):
+    """A run that must not continue from its checkpoints as asked (held by another process, written for
+    other data or another model, unreadable): refused before the store is opened, with the fix."""
 
 
 class CorruptCheckpoint(CheckpointError):
@@ -174,15 +181,15 @@ def load(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path} is not an ablate checkpoint: it holds objects other than tensors, numbers "
+        raise ResumeRefused(f"{path} is not an ablate checkpoint: it holds objects other than tensors, numbers "
                               f"and plain containers, which are never unpickled. It is not loaded; {fix}") from err
     except Exception as err:  # noqa: BLE001 - torn zip, empty file, I/O: torch raises several kinds
         raise CorruptCheckpoint(f"{path} cannot be read ({_describe(err)})") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an ablate checkpoint (it has no '{FORMAT}' marker). "
+        raise ResumeRefused(f"{path} is not an ablate checkpoint (it has no '{FORMAT}' marker). "
                               f"It is not loaded; {fix}")
     if payload.get("version") != VERSION:
-        raise CheckpointError(f"{path} is an ablate checkpoint of format version {payload.get('version')}, but this "
+        raise ResumeRefused(f"{path} is an ablate checkpoint of format version {payload.get('version')}, but this "
                               f"version of ablate reads version {VERSION}; {fix}")
     return payload
 
@@ -204,7 +211,7 @@ def load_latest(folder: Path) -> tuple[dict[str, Any], Path] | None:
             log.warning("%s; resuming from the checkpoint before it, %s (step %s)", torn[0], path, payload.get("step"))
         return payload, path
     if torn:
-        raise CheckpointError(f"no checkpoint in {folder} can be read: {'; '.join(torn)}. Delete them "
+        raise ResumeRefused(f"no checkpoint in {folder} can be read: {'; '.join(torn)}. Delete them "
                               f"(rm {folder / LAST} {folder / PREVIOUS}) or start a new run with train.resume=false")
     return None
 
@@ -290,6 +297,7 @@ def trainer_payload(trainer, run_id: str | None) -> dict[str, Any]:  # noqa: ANN
         "optimizer": optimizer_state,
         "data": trainer.data_state,
         "fingerprint": data_fingerprint(trainer.data),
+        "revisions": LanguageModel.revisions(trainer.cfg),
         "rng": rng_state(),
         "run_id": run_id,
     }

@@ -17,9 +17,10 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig
 
+from ablate.models.transformer import COMPONENTS, LanguageModel
 from ablate.processes import identity
 from ablate.train import checkpoint
-from ablate.train.checkpoint import CheckpointError
+from ablate.train.checkpoint import ResumeRefused
 
 log = logging.getLogger("ablate")
 
@@ -53,7 +54,7 @@ def _lock(path: Path) -> int | None:
     except BlockingIOError:
         holder = _holder(fd)
         os.close(fd)
-        raise CheckpointError(
+        raise ResumeRefused(
             f"another process ({holder}) is running this configuration: it holds {path}. Wait for it to end, or "
             f"stop it and re-run this command to resume its run; to run the same configuration twice at once, "
             f"give each its own paths.output_dir") from None
@@ -83,7 +84,7 @@ def _holder(fd: int) -> str:
 def previous_state(cfg: DictConfig, data: Any, dist: Any) -> dict[str, Any] | None:  # noqa: ANN401
     """The checkpoint payload this run continues from, or None for a new run: none was written, the run
     finished, or `train.resume=false` (which moves an earlier run's checkpoints aside). A checkpoint
-    written for other data is refused (CheckpointError) with the fix."""
+    written for other data or another model is refused (ResumeRefused) with the fix."""
     if not cfg.train.checkpoint_every:
         return None
     folder = checkpoint.checkpoint_dir(cfg, dist.world_size)
@@ -96,6 +97,7 @@ def previous_state(cfg: DictConfig, data: Any, dist: Any) -> dict[str, Any] | No
         return None
     payload, path = found
     check_data(payload, path, data)
+    check_revisions(payload, path, cfg)
     return payload
 
 
@@ -121,11 +123,27 @@ def check_data(payload: dict[str, Any], path: Path, data: Any) -> None:  # noqa:
     saved, now = payload.get("fingerprint", {}), checkpoint.data_fingerprint(data)
     for split, what in _SPLITS.items():
         if saved.get(split) != now[split]:
-            raise CheckpointError(
+            raise ResumeRefused(
                 f"{path} was written for other {what} than the run reads now ({_counts(saved.get(split))} then, "
                 f"{_counts(now[split])} now): the data changed since the run started, so it cannot continue on "
                 f"it. Restore the data to resume the run, or start a new run beside it with train.resume=false "
                 f"(its checkpoints are then moved aside, not deleted)")
+
+
+def check_revisions(payload: dict[str, Any], path: Path, cfg: DictConfig) -> None:
+    """Refuse to resume a model whose components compute something else than when the checkpoint was
+    written (a checkpoint from before revisions were recorded holds revision 1 of each)."""
+    saved, now = payload.get("revisions") or {}, LanguageModel.revisions(cfg)
+    for component, revision in now.items():
+        then = saved.get(component, 1)
+        if then != revision:
+            group, name = component.split("=", 1)
+            why = dict(COMPONENTS)[group].get(name).revised
+            raise ResumeRefused(
+                f"{path} was written by revision {then} of {component}, and this ablate builds revision {revision} "
+                f"({why}): resuming would continue the run with another model. Start a new run beside it with "
+                f"train.resume=false (its checkpoints are then moved aside, not deleted), or resume it with the "
+                f"ablate version that wrote it")
 
 
 def _counts(fingerprint: dict[str, Any] | None) -> str:
