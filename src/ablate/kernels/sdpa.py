@@ -26,11 +26,6 @@ from ablate.kernels.eager import MaskLayout, mask_for, prepare_mask
 from ablate.kernels.spec import AttentionSpec, Cell, alibi_bias
 
 
-def needs_mask(spec: AttentionSpec, layout: MaskLayout | None) -> bool:
-    """Whether the batch needs more than SDPA's own causal flag (documents, window or ALiBi)."""
-    return layout is not None or spec.window is not None or spec.alibi
-
-
 def additive_mask(spec: AttentionSpec, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B|1, 1|N, T, T) mask in `dtype`: ALiBi bias (or 0) where allowed, -inf elsewhere."""
     T = allowed.shape[-1]
@@ -109,6 +104,6 @@ class SdpaBackend(Backend):
         mask = None
         if layout is not None:
             mask = additive_mask(spec, layout.allowed, q_BTNH.dtype)
-        elif needs_mask(spec, None):
+        elif spec.window is not None or spec.alibi:  # more than SDPA's own causal flag
             mask = spec_additive_mask(spec, q_BTNH.shape[1], str(q_BTNH.device), q_BTNH.dtype)
         return sdpa(q_BTNH, k_BTKH, v_BTKH, spec, mask)
