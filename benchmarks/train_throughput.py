@@ -322,10 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     wanted = args.cells.split(",")
     unknown = [name for name in wanted if name not in CELLS]
-    unknown += [f"{name} (--logged)" for name in filter(None, args.logged.split(","))
-                if name not in wanted or name.startswith("a")]
     if unknown:
         parser.error(f"--cells: unknown cell(s) {', '.join(unknown)}; choose from {', '.join(CELLS)}")
+    not_ablate = [name for name in filter(None, args.logged.split(",")) if name not in wanted or name.startswith("a")]
+    if not_ablate:
+        parser.error(f"--logged: {', '.join(not_ablate)} is not one of ablate's cells in --cells "
+                     f"({', '.join(n for n in wanted if not n.startswith('a')) or 'none'}); it trains them with run.py")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible; on CPU, --device cpu --shape tiny smoke-tests the script")
     device = torch.device(args.device)
