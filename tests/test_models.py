@@ -164,3 +164,37 @@ def test_sinusoids_do_not_swamp_the_token_embeddings():
     rms = lambda t: t.pow(2).mean().sqrt().item()  # noqa: E731
     token_part = rms(with_pos - table)
     assert 0.5 < token_part / rms(table) < 2, (token_part, rms(table))
+
+
+def test_rope_looks_up_the_angles_it_would_compute_and_computes_past_its_table():
+    """RoPE's table of cos/sin (positions below model.context) holds what the formula gives, and a
+    row longer than the table (evaluation at 2x) gets the formula's values, not an index error."""
+    from ablate.models.positions import _cos_sin
+
+    model = build(["pos=rope"])  # context 64, head dim 8
+    for T in (16, 64, 128):
+        pos = torch.arange(T).expand(2, T)
+        cos, sin = model.positions.rotation(pos)
+        want_cos, want_sin = _cos_sin(pos, model.positions.inv_freq)
+        assert cos.shape == (2, T, 1, 4)
+        torch.testing.assert_close(cos[:, :, 0], want_cos, rtol=0, atol=1e-6)
+        torch.testing.assert_close(sin[:, :, 0], want_sin, rtol=0, atol=1e-6)
+    assert model(torch.randint(0, 64, (1, 128))).isfinite().all()
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "geglu"])
+def test_a_gated_mlp_is_act_of_the_first_half_times_the_second(mlp):
+    """The gated MLPs (two matmuls on the halves of one weight) against the formula on that weight,
+    in float64 on fresh inputs, forward and backward."""
+    torch.manual_seed(3)
+    block = build([f"mlp={mlp}"]).double().blocks[0].mlp
+    x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    gate, value = (x @ block.up.weight.T).chunk(2, dim=-1)
+    want = (block.act(gate) * value) @ block.down.weight.T
+    got = block(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(want)
+    grads = torch.autograd.grad(got, [x, block.up.weight], g)
+    want_grads = torch.autograd.grad(want, [x, block.up.weight], g)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

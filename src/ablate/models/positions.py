@@ -102,13 +102,24 @@ class SinusoidalPositions(PositionScheme):
 
 @POSITIONS.register("rope")
 class RotaryPositions(PositionScheme):
-    """Rotary embeddings (Su et al.), rotating channel pairs (i, i + H/2) by position-dependent angles."""
+    """Rotary embeddings (Su et al.), rotating channel pairs (i, i + H/2) by position-dependent angles.
+
+    The cosines and sines of positions 0 .. model.context - 1 are computed once, in float32, and
+    each forward looks its positions up in that table. Computed in the forward instead, a compiled
+    step recomputes them inside every layer's rotation kernels, in the forward and the backward:
+    on a GPU that made the rotation compute-bound, at about twice its memory-bound cost. A row
+    longer than the table (evaluation past the training context) computes its angles from the
+    same formula.
+    """
 
     def __init__(self, cfg):  # noqa: ANN001
         super().__init__(cfg)
         H = head_dim(cfg)
         inv_freq = cfg.pos.rope_theta ** (-torch.arange(0, H, 2).float() / H)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        cos, sin = _cos_sin(torch.arange(cfg.model.context), inv_freq)
+        self.register_buffer("cos_table", cos, persistent=False)
+        self.register_buffer("sin_table", sin, persistent=False)
 
     @classmethod
     def check(cls, cfg) -> list[str]:  # noqa: ANN001
@@ -118,12 +129,21 @@ class RotaryPositions(PositionScheme):
         return []
 
     def rotation(self, pos_BT):  # noqa: ANN001, ANN201
-        angles_BT1F = (pos_BT[..., None].float() * self.inv_freq)[:, :, None, :]
-        return angles_BT1F.cos(), angles_BT1F.sin()
+        if pos_BT.shape[-1] <= self.cos_table.shape[0]:  # positions restart per document: all < T
+            cos_BTF, sin_BTF = self.cos_table[pos_BT], self.sin_table[pos_BT]
+        else:
+            cos_BTF, sin_BTF = _cos_sin(pos_BT, self.inv_freq)
+        return cos_BTF[:, :, None, :], sin_BTF[:, :, None, :]
 
     def rotate(self, q_BTNH, k_BTKH, rotation):  # noqa: ANN001, ANN201
         cos, sin = rotation
         return _rotate(q_BTNH, cos, sin), _rotate(k_BTKH, cos, sin)
+
+
+def _cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of each position's angles (pos * inv_freq), float32, shape (*pos.shape, H/2)."""
+    angles = pos[..., None].float() * inv_freq
+    return angles.cos(), angles.sin()
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
