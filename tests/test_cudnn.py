@@ -8,7 +8,7 @@ import torch
 from ablate.bench.toolkit import compare_to_reference, rel_err, run_attention, tolerance
 from ablate.kernels import cudnn as cudnn_backend
 from ablate.kernels import cudnn_graphs
-from ablate.kernels.ragged import doc_bucket, seq_bucket
+from ablate.kernels.ragged import doc_bucket, prepare_ragged, seq_bucket
 from ablate.kernels.spec import AttentionSpec, Cell
 
 ROWS = ((1, 37, 1, 100, 117), (256,), (64, 1, 63, 128))  # length-1 docs and a whole-row doc
@@ -68,8 +68,22 @@ def test_doc_bucket():
 
 
 def test_seq_bucket():
-    assert [seq_bucket(n, 4096) for n in (1, 64, 65, 1000, 2048, 3000, 4096)] == [64, 64, 128, 1024, 2048, 4096, 4096]
-    assert seq_bucket(100, 96) == 96  # never beyond the row length
+    lengths = (1, 64, 65, 500, 513, 1000, 1025, 2048, 2458, 3000, 4096)
+    assert [seq_bucket(n, 4096) for n in lengths] == [64, 64, 128, 512, 1024, 1024, 1536, 2048, 2560, 3072, 4096]
+    assert seq_bucket(100, 96) == 96 and seq_bucket(1100, 1200) == 1200  # never beyond the row length
+
+
+def test_the_kernel_sees_documents_longest_first_where_they_are():
+    spec = AttentionSpec(4, 2, 8)
+    rows = ((3, 9, 4), (16,), (1, 15))  # 6 documents -> bucket 8
+    layout = prepare_ragged(spec, rows, 3, 16)
+    lens = layout.seq_len.tolist()
+    assert lens == [16, 15, 9, 4, 3, 1, 0, 0]
+    starts = [0, 3, 12, 16, 32, 33]  # in the buffer, by document
+    kernel_order = [3, 5, 1, 2, 0, 4]
+    assert layout.host_starts.tolist() == starts + [48, 48, 48]  # buffer order, padding at the end
+    assert layout.q_off.tolist() == [starts[i] * 4 * 8 for i in kernel_order] + [48 * 32] * 3
+    assert layout.kv_off.tolist() == [starts[i] * 2 * 8 for i in kernel_order] + [48 * 16] * 3
 
 
 # ---------------------------------------------------------------------------------------- CUDA

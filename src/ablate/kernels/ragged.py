@@ -35,18 +35,28 @@ def doc_bucket(n_docs: int) -> int:
 
 
 def seq_bucket(longest: int, row_len: int) -> int:
-    """The max document length S a batch runs under: the longest rounded up to a power of two
-    (>= 64, <= T). Declaring S = T instead costs cuDNN's backward about 1.6x on long rows of short
-    documents, as its grid spans S."""
-    return min(row_len, 1 << max(6, math.ceil(math.log2(max(longest, 1)))))
+    """The max document length S a batch runs under (<= T): the longest rounded up to a power of
+    two up to 512 (>= 64), to a multiple of 512 beyond. cuDNN's grid spans S for every document,
+    so S past the longest is paid for by each one: on an H200, 8 rows of 4096 tokens of web-like
+    documents whose longest held 2458 took 0.84 ms a layer (forward and backward) at S = 4096 and
+    0.78 ms at S = 2560. Declaring S = T on rows of short documents costs about 1.6x."""
+    if longest <= 512:
+        return min(row_len, 1 << max(6, math.ceil(math.log2(max(longest, 1)))))
+    return min(row_len, -(-longest // 512) * 512)
 
 
 @dataclass
 class RaggedLayout(Layout):
-    seq_len: torch.Tensor  # (docs,) int32, zero-length documents pad to the bucket
-    q_off: torch.Tensor  # (docs + 1,) each document's first element in q's (B, T, N, H) buffer (and o's)
+    """The kernel sees the documents longest first (`seq_len`, `q_off`, `kv_off`): its work per
+    document grows with the square of the length, and scheduling the long ones first leaves no
+    long one running alone at the end (on an H200, 3% faster on web-like documents than buffer
+    order, 6% faster than shortest first). The offsets say where each one is, so nothing moves.
+    `host_starts` keeps buffer order."""
+
+    seq_len: torch.Tensor  # (docs,) int32, longest first; zero-length documents pad to the bucket
+    q_off: torch.Tensor  # (docs + 1,) each document's first element in q's (B, T, N, H) buffer (and o's), then the end
     kv_off: torch.Tensor  # (docs + 1,) the same in k's and v's (B, T, K, H) buffers
-    host_starts: torch.Tensor  # (docs + 1,) int64 on the host: each document's first token
+    host_starts: torch.Tensor  # (docs + 1,) int64 on the host: the documents' first tokens in buffer order, then the end
     host_seq: torch.Tensor  # (1,) int64 on the host: the max document length bucket S (`seq_bucket`)
 
     def finish(self, device: torch.device) -> "RaggedLayout":
@@ -66,10 +76,12 @@ def prepare_ragged(spec: AttentionSpec, doc_lens: DocLens | None, n_rows: int, r
     lens = flat_doc_lens(doc_lens, n_rows, row_len)
     lens = np.array(lens + [0] * (doc_bucket(len(lens)) - len(lens)), dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lens)])
+    order = np.argsort(-lens, kind="stable")  # longest first
+    kernel_starts = np.append(starts[order], starts[-1])
     q_width, kv_width = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
-    return RaggedLayout(seq_len=torch.from_numpy(lens).to(torch.int32),
-                        q_off=torch.from_numpy(starts * q_width).to(offset_dtype),
-                        kv_off=torch.from_numpy(starts * kv_width).to(offset_dtype),
+    return RaggedLayout(seq_len=torch.from_numpy(lens[order]).to(torch.int32),
+                        q_off=torch.from_numpy(kernel_starts * q_width).to(offset_dtype),
+                        kv_off=torch.from_numpy(kernel_starts * kv_width).to(offset_dtype),
                         host_starts=torch.from_numpy(starts),
                         host_seq=torch.tensor([seq_bucket(int(lens.max(initial=1)), row_len)]))
 
