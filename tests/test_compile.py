@@ -35,6 +35,18 @@ def shards(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    """Token shards of documents of exactly 256 tokens: rows of 256 hold one each (no layout)."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, VOCAB - 1, size=256 * 400)
+    ids[255::256] = VOCAB - 1
+    folder = tmp_path_factory.mktemp("rows")
+    write_shard(folder / "t_train.bin", ids)
+    write_shard(folder / "t_val.bin", ids[: 256 * 20])
+    return folder
+
+
 def losses(shards, overrides: list[str], compiled: bool, steps: int, device: str):
     cfg = compose(["model.n_layers=2", "model.d_model=128", "model.n_heads=4", "model.context=256",
                    "train.batch_size=8", "data=tokens", f"data.path={shards}", f"data.vocab_size={VOCAB}",
@@ -89,6 +101,16 @@ CUDA_CELLS = [
 @pytest.mark.parametrize("backend,overrides", CUDA_CELLS, ids=[f"{b}-{'-'.join(o) or 'mha'}" for b, o in CUDA_CELLS])
 def test_compiled_step_on_cuda(shards, backend, overrides):
     check_compiled_step(shards, overrides, backend, "cuda", 2e-2)
+
+
+ROW_CELLS = [("cudnn", ["pos=rope", "attention=gqa"]), ("cudnn", ["pos=learned", "mlp=gelu", "norm=layernorm"])]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend,overrides", ROW_CELLS, ids=[f"{b}-{'-'.join(o)}" for b, o in ROW_CELLS])
+def test_compiled_step_on_cuda_rows_of_one_document(rows, backend, overrides):
+    """The dense path (no layout: rows of one document each), where GQA projects q, k and v apart."""
+    check_compiled_step(rows, overrides, backend, "cuda", 2e-2)
 
 
 @pytest.mark.cuda

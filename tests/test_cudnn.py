@@ -63,6 +63,14 @@ def test_refuses_cells_it_cannot_serve():
         assert be.refuse(cell), cell.describe()
 
 
+def test_packed_projections_where_the_kernel_gains_from_them():
+    be, layout = cudnn_backend.CudnnBackend(), prepare_ragged(AttentionSpec(4, 4, 8), ((8, 8),), 1, 16)
+    assert be.packs_qkv(AttentionSpec(4, 4, 8), layout)  # the ragged graph reads packed buffers
+    assert be.packs_qkv(AttentionSpec(4, 4, 8, alibi=True), None)  # ALiBi runs the ragged graph too
+    assert be.packs_qkv(AttentionSpec(4, 2, 8), None) and be.packs_qkv(AttentionSpec(4, 1, 8), None)  # GQA, MQA
+    assert not be.packs_qkv(AttentionSpec(4, 4, 8), None)  # dense MHA: one fused projection
+
+
 def test_doc_bucket():
     assert [doc_bucket(n) for n in (1, 2, 3, 5, 8, 9, 16, 17, 31, 33)] == [1, 2, 4, 8, 8, 16, 16, 32, 32, 48]
 
