@@ -166,6 +166,47 @@ def test_sinusoids_do_not_swamp_the_token_embeddings():
     assert 0.5 < token_part / rms(table) < 2, (token_part, rms(table))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_the_loss_and_its_gradient_are_cross_entropy(dtype, reduction):
+    """The model's loss against F.cross_entropy in float64 on fresh random logits, forward and
+    backward, with padding ids (-inf bias) and ignored targets: within 1e-5 relative for float32
+    logits; for bf16 logits, the gradient within bf16 rounding (1% of its largest value)."""
+    from ablate.models.loss import cross_entropy
+
+    torch.manual_seed(2)
+    N, V = 96, 80
+    logits = (3 * torch.randn(N, V)).to(dtype).requires_grad_()
+    bias = torch.zeros(V)
+    bias[70:] = float("-inf")
+    targets = torch.randint(0, 70, (N,))
+    targets[::7] = -100
+    weights = torch.randn(N) if reduction == "none" else torch.tensor(1.0)
+    (cross_entropy(logits, targets, bias, reduction) * weights).sum().backward()
+    ours, grad = cross_entropy(logits, targets, bias, reduction).detach(), logits.grad
+    ref_logits = logits.detach().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(ref_logits + bias.double(), targets, ignore_index=-100, reduction=reduction)
+    (ref * weights.double()).sum().backward()
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    scale = ref_logits.grad.abs().max().item()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (grad.double() - ref_logits.grad).abs().max().item() <= tol * scale
+    assert grad.dtype == dtype and not grad[:, 70:].any()  # padding ids get no gradient
+
+
+def test_the_loss_keeps_the_logits_not_float32_log_probabilities_for_the_backward():
+    """What the loss saves for its backward: the bf16 logits and a float per token, not a float32
+    copy of every logit (which doubles the loss's memory and traffic under bf16)."""
+    from ablate.models.loss import cross_entropy
+
+    logits = torch.randn(64, 512).to(torch.bfloat16).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        cross_entropy(logits, torch.randint(0, 512, (64,)), torch.zeros(512), "sum")
+    big = [t for t in saved if t.numel() >= logits.numel()]
+    assert big and all(t.dtype == torch.bfloat16 for t in big), [(t.dtype, tuple(t.shape)) for t in saved]
+
+
 def test_rope_looks_up_the_angles_it_would_compute_and_computes_past_its_table():
     """RoPE's table of cos/sin (positions below model.context) holds what the formula gives, and a
     row longer than the table (evaluation at 2x) gets the formula's values, not an index error."""

@@ -13,13 +13,13 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ablate.kernels import get_backend
 from ablate.kernels.base import Backend, Layout
 from ablate.kernels.spec import AttentionSpec, DocLens
 from ablate.models.attention import ATTENTIONS
+from ablate.models.loss import cross_entropy
 from ablate.models.mlp import MLPS
 from ablate.models.norms import NORMS
 from ablate.models.positions import POSITIONS
@@ -147,8 +147,8 @@ class LanguageModel(Component, nn.Module):
     def loss(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor, positions_BT: torch.Tensor | None = None,
              doc_lens: DocLens | None = None, layout: Layout | None = None, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy over the vocabulary (float32 softmax); targets -100 are ignored."""
-        logits = self.padded_logits(tokens_BT, positions_BT, doc_lens, layout).float() + self.vocab_pad
-        return F.cross_entropy(logits.flatten(0, 1), targets_BT.flatten(), ignore_index=-100, reduction=reduction)
+        logits = self.padded_logits(tokens_BT, positions_BT, doc_lens, layout)
+        return cross_entropy(logits.flatten(0, 1), targets_BT.flatten(), self.vocab_pad, reduction)
 
 
 def count_params(model: LanguageModel, non_embedding: bool = False) -> int:
