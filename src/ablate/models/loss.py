@@ -4,8 +4,8 @@
 bf16 that is twice the logits' bytes, written in the forward and read back in the backward (at
 GPT-2's vocabulary and 32 x 1024 tokens, 6.6 GB a step). Here the forward saves the logits as they
 came and each token's log-sum-exp, and the backward recomputes the probabilities from them in
-float32: the same loss and gradient, with a third less memory traffic in the loss and half the
-memory it holds.
+float32: the same loss and gradient from a saved tensor half the size (on an H200 the compiled
+GPT-2-small step ran about 1.8% faster).
 """
 from __future__ import annotations
 

@@ -109,7 +109,8 @@ class RotaryPositions(PositionScheme):
     step recomputes them inside every layer's rotation kernels, in the forward and the backward:
     on a GPU that made the rotation compute-bound, at about twice its memory-bound cost. A row
     longer than the table (evaluation past the training context) computes its angles from the
-    same formula.
+    same formula. Positions are looked up, so each must be below max(T, model.context): true of
+    per-document positions, which every caller makes (learned positions have the same rule).
     """
 
     def __init__(self, cfg):  # noqa: ANN001
