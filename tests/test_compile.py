@@ -103,13 +103,15 @@ def test_compiled_step_on_cuda(shards, backend, overrides):
     check_compiled_step(shards, overrides, backend, "cuda", 2e-2)
 
 
-ROW_CELLS = [("cudnn", ["pos=rope", "attention=gqa"]), ("cudnn", ["pos=learned", "mlp=gelu", "norm=layernorm"])]
+ROW_CELLS = [("cudnn", ["pos=rope", "attention=gqa"]), ("cudnn", ["pos=learned", "attention=gqa"]),
+             ("cudnn", ["pos=learned", "mlp=gelu", "norm=layernorm"])]
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend,overrides", ROW_CELLS, ids=[f"{b}-{'-'.join(o)}" for b, o in ROW_CELLS])
 def test_compiled_step_on_cuda_rows_of_one_document(rows, backend, overrides):
-    """The dense path (no layout: rows of one document each), where GQA projects q, k and v apart."""
+    """The dense path (no layout: rows of one document each): RoPE's q and k from one matmul and the
+    rope op, GQA without RoPE projecting q, k and v apart, and MHA's one fused projection."""
     check_compiled_step(rows, overrides, backend, "cuda", 2e-2)
 
 

@@ -239,3 +239,91 @@ def test_a_gated_mlp_is_act_of_the_first_half_times_the_second(mlp):
     want_grads = torch.autograd.grad(want, [x, block.up.weight], g)
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def textbook_rope(x_BTMH, theta):
+    """RoPE as usually written: x * cos + rotate_half(x) * sin, angles pos * theta^(-2i/H)."""
+    T, H = x_BTMH.shape[1], x_BTMH.shape[-1]
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, H, 2, dtype=torch.float64) / H)
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1)[None, :, None].to(x_BTMH.device) for f in (torch.cos, torch.sin))
+    return x_BTMH * cos + torch.cat([-x_BTMH[..., H // 2:], x_BTMH[..., : H // 2]], dim=-1) * sin
+
+
+@pytest.mark.parametrize("attention", ["mha", "gqa"])
+def test_rope_attention_equals_the_textbook_formula(attention):
+    """A RoPE attention layer (q and k projected together, rotated by the `ablate::rope` op) against
+    q, k, v from the weight's row blocks, textbook RoPE, and causal softmax attention written out, in
+    float64 on fresh inputs, forward and backward (tolerance 1e-6: the angle table is float32)."""
+    import math
+
+    torch.manual_seed(5)
+    overrides = ["pos=rope", f"attention={attention}"] + ["attention.n_kv_heads=2"] * (attention == "gqa")
+    model, theta = build(overrides).double(), compose(overrides).pos.rope_theta
+    attn = model.blocks[0].attn
+    N, K, H = attn.spec.n_heads, attn.spec.n_kv_heads, attn.spec.head_dim
+    x = torch.randn(2, 16, 32, dtype=torch.float64, requires_grad=True)
+    got = attn(x, model.positions, model.positions.rotation(torch.arange(16).expand(2, 16)), None)
+
+    wq, wk, wv = attn.qkv.weight.split([N * H, K * H, K * H])
+    q, k, v = ((x @ w.T).view(2, 16, -1, H) for w in (wq, wk, wv))
+    q, k = textbook_rope(q, theta), textbook_rope(k, theta).repeat_interleave(N // K, dim=2)
+    scores = torch.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(H)
+    scores = scores.masked_fill(~torch.ones(16, 16, dtype=torch.bool).tril(), float("-inf"))
+    o = torch.einsum("bnts,bsnh->btnh", scores.softmax(-1), v.repeat_interleave(N // K, dim=2))
+    want = o.reshape(2, 16, N * H) @ attn.out.weight.T
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(want)
+    params = [x, attn.qkv.weight, attn.out.weight]
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_first", [3, 5])
+def test_the_rope_op_rotates_splits_and_joins_the_gradient(n_first):
+    """`ablate::rope` gives the textbook rotation of each head, split after `n_first` heads (none
+    left: an empty second output), and its backward the gradient of that, in one piece; the same
+    traced by torch.compile (its fake implementation and autograd), float64 on fresh inputs."""
+    from ablate.models.rope_kernel import rope
+
+    torch.manual_seed(6)
+    theta = 37.0
+    x = torch.randn(2, 9, 5, 6, dtype=torch.float64, requires_grad=True)
+    angles = torch.arange(9, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, 6, 2, dtype=torch.float64) / 6)
+    cos, sin = angles.cos()[None, :, None].expand(2, 9, 1, 3), angles.sin()[None, :, None].expand(2, 9, 1, 3)
+    want = textbook_rope(x, theta)
+    g = torch.randn_like(want)
+    (want_grad,) = torch.autograd.grad(want, x, g)
+    for op in (rope, torch.compile(rope, backend="aot_eager", fullgraph=True)):
+        first, rest = op(x, cos, sin, n_first)
+        assert first.shape == (2, 9, n_first, 6) and rest.shape == (2, 9, 5 - n_first, 6)
+        torch.testing.assert_close(torch.cat([first, rest], dim=2), want, rtol=1e-12, atol=1e-12)
+        outputs, grads = ([first, rest], [g[:, :, :n_first], g[:, :, n_first:]]) if rest.numel() else ([first], [g])
+        (got_grad,) = torch.autograd.grad(outputs, x, grads)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 100, 16, 12, 64), (2, 37, 5, 5, 96), (1, 64, 3, 1, 128)])
+def test_cuda_rope_kernel_equals_the_formula(dtype, shape):
+    """The Triton kernel (B, T, heads, n_first, H: odd token counts, a head dim whose half is no power
+    of two, no second output) against the textbook formula in float64 on the same inputs, forward
+    and backward: within float32 rounding (1e-5), or one bfloat16 rounding of the result (2^-7)."""
+    from ablate.models.rope_kernel import rope
+
+    B, T, heads, n_first, H = shape
+    torch.manual_seed(7)
+    x = torch.randn(B, T, heads, H, device="cuda", dtype=dtype, requires_grad=True)
+    theta = 10000.0
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, H, 2, dtype=torch.float64) / H)
+    cos, sin = (f(angles).float().cuda()[None, :, None].expand(B, T, 1, H // 2) for f in (torch.cos, torch.sin))
+    first, rest = rope(x, cos, sin, n_first)
+    g = torch.randn(B, T, heads, H, device="cuda", dtype=dtype)
+    outputs, grads = ([first, rest], [g[:, :, :n_first], g[:, :, n_first:]]) if rest.numel() else ([first], [g])
+    (got_grad,) = torch.autograd.grad(outputs, x, grads)
+    x64 = x.detach().double().requires_grad_()
+    want = textbook_rope(x64, theta)
+    (want_grad,) = torch.autograd.grad(want, x64, g.double())
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 1e-5}
+    torch.testing.assert_close(torch.cat([first, rest], dim=2).double(), want, **tol)
+    torch.testing.assert_close(got_grad.double(), want_grad, **tol)

@@ -77,7 +77,9 @@ class Backend:
     def packs_qkv(self, spec: AttentionSpec, layout: Layout | None) -> bool:
         """True when `attend` reads q, k and v as separate packed (B, T, heads, H) buffers for this
         batch: the model then projects them with one matmul each (row blocks of its fused weight)
-        instead of slicing one fused projection into strided views the kernel would copy."""
+        instead of slicing one fused projection into strided views the kernel would copy. Under a
+        rotating positional scheme (RoPE) the model projects q and k together whatever this says:
+        the rotation kernel writes them as separate packed buffers."""
         return False
 
     def caveat(self, cell: Cell) -> str | None:

@@ -59,7 +59,9 @@ class CudnnBackend(Backend):
         """The ragged graph reads packed buffers. On dense rows, GQA/MQA gain from separate
         projections as well: their gradients go to their own matmuls, where a fused projection's
         backward first assembles them into one (B, T, (N + 2K) * H) buffer (on an H200 the Llama
-        cell of benchmarks/train_throughput.py went from 1.010x to 1.028x the plain trainer's tokens/s)."""
+        cell of benchmarks/train_throughput.py went from 1.010x to 1.028x the plain trainer's tokens/s;
+        since then RoPE models take q and k from one matmul whatever this says, so this serves GQA/MQA
+        under the other positional schemes)."""
         return layout is not None or spec.alibi or spec.groups > 1
 
     def attend(self, q_BTNH, k_BTKH, v_BTKH, spec: AttentionSpec, layout: RaggedLayout | None = None) -> torch.Tensor:

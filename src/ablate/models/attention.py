@@ -20,7 +20,12 @@ ATTENTIONS: Registry[type["Attention"]] = Registry("attention")
 
 
 class Attention(Component, nn.Module):
-    """Projects x_BTD to q_BTNH, k_BTKH, v_BTKH, applies the positional rotation, and attends."""
+    """Projects x_BTD to q_BTNH, k_BTKH, v_BTKH, applies the positional rotation, and attends.
+
+    The projection is one weight, (N + 2K) * H rows; how it is multiplied depends on what follows:
+    a rotating scheme (RoPE) takes q and k from one matmul (its kernel splits them), and v comes
+    from its own; otherwise a backend that reads packed buffers (`Backend.packs_qkv`) gets one
+    matmul each, and any other one slices a single fused matmul."""
 
     @classmethod
     def kv_heads(cls, cfg) -> int:  # noqa: ANN001
@@ -51,11 +56,16 @@ class Attention(Component, nn.Module):
         B, T, _ = x_BTD.shape
         N, K, H = self.spec.n_heads, self.spec.n_kv_heads, self.spec.head_dim
         widths = [N * H, K * H, K * H]
-        if self.kernel.packs_qkv(self.spec, layout):  # one matmul each: packed q, k, v, and the same weights
-            q, k, v = (F.linear(x_BTD, w) for w in self.qkv.weight.split(widths))
+        if positions.rotates:  # q and k in one matmul, rotated by one kernel into separate packed q and k
+            w_qk, w_v = self.qkv.weight.split([(N + K) * H, K * H])
+            q_BTNH, k_BTKH = positions.rotate(F.linear(x_BTD, w_qk).view(B, T, N + K, H), N, rotation)
+            v = F.linear(x_BTD, w_v)
         else:
-            q, k, v = self.qkv(x_BTD).split(widths, dim=-1)
-        q_BTNH, k_BTKH = positions.rotate(q.view(B, T, N, H), k.view(B, T, K, H), rotation)
+            if self.kernel.packs_qkv(self.spec, layout):  # one matmul each: packed q, k, v, and the same weights
+                q, k, v = (F.linear(x_BTD, w) for w in self.qkv.weight.split(widths))
+            else:
+                q, k, v = self.qkv(x_BTD).split(widths, dim=-1)
+            q_BTNH, k_BTKH = q.view(B, T, N, H), k.view(B, T, K, H)
         o_BTNH = self.kernel.attend(q_BTNH, k_BTKH, v.view(B, T, K, H), self.spec, layout)
         return self.out(o_BTNH.reshape(B, T, N * H))
 
