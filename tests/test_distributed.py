@@ -26,9 +26,10 @@ STEPS = 100
 ARGS = [*TINY, f"train.steps={STEPS}", "train.checkpoint_every=5", "train.eval_every=50"]
 # float32 sums run in another order over 2 ranks (DDP's all-reduce, FSDP's reduce-scatter): the first
 # steps agree to ~1e-7 relative (a real difference in the gradient would show at 1e-2 within a few steps);
-# the difference in rounding then grows with training: ~1e-4 in the loss after 100 steps (more in the
-# gradient norm, which is compared over the first steps only)
-RTOL, EXACT_STEPS, LATER_RTOL = 1e-5, 30, 1e-3
+# the difference in rounding then grows with training, about 10x every 10 steps past step 45, to 6e-4
+# .. 1.2e-3 in the loss by step 90 (measured; which one depends on the model code's own rounding), more
+# in the gradient norm, which is compared over the first steps only
+RTOL, EXACT_STEPS, LATER_RTOL = 1e-5, 30, 3e-3
 
 
 def _torchrun(tmp_path, name, ranks, batch_size, *overrides):
