@@ -241,12 +241,24 @@ def test_a_gated_mlp_is_act_of_the_first_half_times_the_second(mlp):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def textbook_angles(T, H, theta):
+    """(T, H/2) float64 angles pos * theta^(-2i/H)."""
+    return torch.arange(T, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, H, 2, dtype=torch.float64) / H)
+
+
 def textbook_rope(x_BTMH, theta):
-    """RoPE as usually written: x * cos + rotate_half(x) * sin, angles pos * theta^(-2i/H)."""
+    """RoPE as usually written: x * cos + rotate_half(x) * sin."""
     T, H = x_BTMH.shape[1], x_BTMH.shape[-1]
-    angles = torch.arange(T, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, H, 2, dtype=torch.float64) / H)
+    angles = textbook_angles(T, H, theta)
     cos, sin = (torch.cat([f(angles)] * 2, dim=-1)[None, :, None].to(x_BTMH.device) for f in (torch.cos, torch.sin))
     return x_BTMH * cos + torch.cat([-x_BTMH[..., H // 2:], x_BTMH[..., : H // 2]], dim=-1) * sin
+
+
+def rope_input_grad(first, rest, x, g):
+    """The gradient at x of sum(g * cat(first, rest)), the two outputs of `rope` (an empty `rest` takes none)."""
+    n = first.shape[2]
+    outputs, grads = ([first, rest], [g[:, :, :n], g[:, :, n:]]) if rest.numel() else ([first], [g])
+    return torch.autograd.grad(outputs, x, grads)[0]
 
 
 @pytest.mark.parametrize("attention", ["mha", "gqa"])
@@ -288,7 +300,7 @@ def test_the_rope_op_rotates_splits_and_joins_the_gradient(n_first):
     torch.manual_seed(6)
     theta = 37.0
     x = torch.randn(2, 9, 5, 6, dtype=torch.float64, requires_grad=True)
-    angles = torch.arange(9, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, 6, 2, dtype=torch.float64) / 6)
+    angles = textbook_angles(9, 6, theta)
     cos, sin = angles.cos()[None, :, None].expand(2, 9, 1, 3), angles.sin()[None, :, None].expand(2, 9, 1, 3)
     want = textbook_rope(x, theta)
     g = torch.randn_like(want)
@@ -297,9 +309,7 @@ def test_the_rope_op_rotates_splits_and_joins_the_gradient(n_first):
         first, rest = op(x, cos, sin, n_first)
         assert first.shape == (2, 9, n_first, 6) and rest.shape == (2, 9, 5 - n_first, 6)
         torch.testing.assert_close(torch.cat([first, rest], dim=2), want, rtol=1e-12, atol=1e-12)
-        outputs, grads = ([first, rest], [g[:, :, :n_first], g[:, :, n_first:]]) if rest.numel() else ([first], [g])
-        (got_grad,) = torch.autograd.grad(outputs, x, grads)
-        torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rope_input_grad(first, rest, x, g), want_grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.cuda
@@ -315,12 +325,11 @@ def test_cuda_rope_kernel_equals_the_formula(dtype, shape):
     torch.manual_seed(7)
     x = torch.randn(B, T, heads, H, device="cuda", dtype=dtype, requires_grad=True)
     theta = 10000.0
-    angles = torch.arange(T, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, H, 2, dtype=torch.float64) / H)
+    angles = textbook_angles(T, H, theta)
     cos, sin = (f(angles).float().cuda()[None, :, None].expand(B, T, 1, H // 2) for f in (torch.cos, torch.sin))
     first, rest = rope(x, cos, sin, n_first)
     g = torch.randn(B, T, heads, H, device="cuda", dtype=dtype)
-    outputs, grads = ([first, rest], [g[:, :, :n_first], g[:, :, n_first:]]) if rest.numel() else ([first], [g])
-    (got_grad,) = torch.autograd.grad(outputs, x, grads)
+    got_grad = rope_input_grad(first, rest, x, g)
     x64 = x.detach().double().requires_grad_()
     want = textbook_rope(x64, theta)
     (want_grad,) = torch.autograd.grad(want, x64, g.double())

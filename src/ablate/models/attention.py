@@ -55,12 +55,12 @@ class Attention(Component, nn.Module):
     def forward(self, x_BTD: torch.Tensor, positions: PositionScheme, rotation, layout: Layout | None) -> torch.Tensor:  # noqa: ANN001
         B, T, _ = x_BTD.shape
         N, K, H = self.spec.n_heads, self.spec.n_kv_heads, self.spec.head_dim
-        widths = [N * H, K * H, K * H]
         if positions.rotates:  # q and k in one matmul, rotated by one kernel into separate packed q and k
             w_qk, w_v = self.qkv.weight.split([(N + K) * H, K * H])
             q_BTNH, k_BTKH = positions.rotate(F.linear(x_BTD, w_qk).view(B, T, N + K, H), N, rotation)
             v = F.linear(x_BTD, w_v)
         else:
+            widths = [N * H, K * H, K * H]
             if self.kernel.packs_qkv(self.spec, layout):  # one matmul each: packed q, k, v, and the same weights
                 q, k, v = (F.linear(x_BTD, w) for w in self.qkv.weight.split(widths))
             else:
